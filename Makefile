@@ -1,0 +1,36 @@
+# Two set-up commands that work on a fresh machine (Python 3.11 + pip registries):
+#   make demo   -> venv, install, digits sample -> shards -> quickstart training (2 processes, gloo)
+#   make test   -> venv, install (incl. deepspeed), the whole test suite (unit, dist, integration, slow)
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rtrain-installed
+DEMO_DIR ?= out/demo
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine's find-links; a bare torch would pull CUDA builds.
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test,deepspeed]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m rtrain.demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow and not integration"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,71 @@
+"""`rtrain` console script: launch | validate | models | ...
+
+Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
+does not pay for Ray or MLflow imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from rtrain.models.profile import model_rows
+
+    rows = model_rows()
+    if args.format == "csv":
+        print("name,params,macs,input_size")
+        for r in rows:
+            print(f"{r['name']},{r['params']},{r['macs']},{r['input_size']}")
+        return 0
+    print(f"{'model':<18} {'params':>14} {'mult-adds':>16} {'input':>6}")
+    for r in rows:
+        print(f"{r['name']:<18} {r['params']:>14,} {r['macs']:>16,} {r['input_size']:>6}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from rtrain.config import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(recipe.to_yaml(), end="")
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from rtrain.launch import main as launch_main
+
+    return launch_main([args.recipe, *args.overrides])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtrain", description="Distributed ResNet training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models with parameters and multiply-adds")
+    p.add_argument("--format", choices=("table", "csv"), default="table")
+    p.set_defaults(func=_cmd_models)
+
+    for name, func, help_text in (
+        ("validate", _cmd_validate, "validate a recipe and print it resolved"),
+        ("launch", _cmd_launch, "run a recipe (same as python -m rtrain.launch)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Recipe sections. The schema is the documentation: every field is typed, defaulted and described.
+
+Sections are frozen: a validated recipe is never mutated; overrides produce a new recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class RunConfig(Section):
+    name: str = Field("rtrain", min_length=1, description="Run name: the MLflow run name and output folder.")
+    seed: int = Field(0, ge=0, description="Seed of every RNG stream (model init, shuffling, augmentation).")
+    output_root: str = Field("runs", description="Folder under which run outputs (checkpoints, summaries) go.")
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet50", description="Registered model name (`rtrain models` lists them).")
+    shortcut: Literal["A", "B", "C"] | None = Field(
+        None, description="Shortcut option of the paper: A zero-pad, B projection where dims grow, C all "
+        "projections. None = the family default (B for ImageNet, A for CIFAR).")
+    stride_in: Literal["1x1", "3x3"] = Field(
+        "3x3", description="Where a bottleneck's stride 2 sits: 1x1 = paper v1, 3x3 = v1.5 (torchvision, MLPerf).")
+    zero_init_residual: bool = Field(False, description="Init the last BN gamma of each residual block to 0.")
+    num_classes: int | None = Field(None, gt=0, description="Output classes; None = from the data manifest.")
+    depth: int | None = Field(None, gt=0, description="Depth 6n+2 for the generic cifar_resnet/cifar_plain.")
+    checkpoint_stages: bool | list[int] = Field(
+        False, description="Activation checkpointing: true for all stages or a list of stage indices (1-based).")
+    init_from: str | None = Field(
+        None, description="Optional torchvision-format state dict (.pt/.pth) to initialise the weights from.")
+
+
+class DataConfig(Section):
+    source: str = Field("data/digits-shards", description="Shard root (local path or http(s):// URL prefix) "
+                        "holding <split>/manifest.json and <split>-NNNNNN.tar.")
+    train_split: str = Field("train", description="Split folder used for training.")
+    val_split: str = Field("val", description="Split folder used for evaluation.")
+    num_workers: int = Field(2, ge=0, description="Loader worker processes per rank (0 = in-process).")
+    shuffle_buffer: int = Field(2000, ge=1, description="Sample-level shuffle buffer size (train).")
+    image_size: int = Field(224, ge=8, description="Train/eval crop size.")
+    eval_resize: int = Field(256, ge=8, description="Eval: shorter side resized to this before the center crop.")
+    augment: Literal["rrc", "scale", "cifar", "none"] = Field(
+        "rrc", description="Train augmentation: rrc = RandomResizedCrop+flip; scale = paper's shorter side in "
+        "[scale_min, scale_max] + random crop + flip; cifar = pad 4 + crop + flip; none = the eval transform.")
+    rrc_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range.")
+    rrc_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range.")
+    scale_min: int = Field(256, ge=8, description="Scale augmentation: smallest shorter side.")
+    scale_max: int = Field(480, ge=8, description="Scale augmentation: largest shorter side.")
+    pca_lighting: float = Field(0.0, ge=0, description="AlexNet PCA lighting alphastd (0 = off, 0.1 classic).")
+    eval_transform: Literal["resize_center", "cifar"] = Field(
+        "resize_center", description="Eval transform: resize + center crop, or the image as is (CIFAR).")
+    channels_last: bool = Field(False, description="Batches and model in channels_last memory format.")
+    on_bad_sample: Literal["skip", "raise"] = Field(
+        "skip", description="A sample that fails to decode or a bad shard: skip and count it, or raise.")
+    verify_sha256: bool = Field(False, description="Check each shard's sha256 against the manifest on read.")
+    backend: Literal["webdataset", "dali"] = Field(
+        "webdataset", description="webdataset = rtrain's CPU loader; dali = NVIDIA DALI GPU decoding (CUDA only).")
+    pin_memory: bool = Field(True, description="On CUDA: pinned host memory and non-blocking copies.")
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="Per-channel mean (0..1 scale), subtracted on the device.")
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225), description="Per-channel std (0..1 scale), divided on the device.")
+
+
+class TrainConfig(Section):
+    global_batch: int = Field(256, gt=0, description="Samples per optimizer step over all workers.")
+    accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    epochs: float = Field(90.0, gt=0, description="Training length in epochs.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    clip_grad_norm: float | None = Field(None, gt=0, description="Clip the global grad norm to this (None = off).")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of weights with this decay (None = off).")
+    compile: bool = Field(False, description="torch.compile the model.")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="Stop after this many consecutive non-finite losses (fp16 overflow skips excluded).")
+    log_every_steps: int = Field(10, ge=1, description="Per-step metrics every this many steps.")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "lars", "lamb", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; if set, base_lr_per_256 must be unset.")
+    base_lr_per_256: float | None = Field(
+        0.1, gt=0, description="Linear scaling rule: peak lr = this x global_batch / 256 (used when lr is unset).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (SGD, LARS).")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
+    exclude_bn_bias: bool = Field(True, description="No weight decay (and no LARS adaptation) on BN and biases.")
+    eta: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+    eps: float = Field(0.0, ge=0, description="LARS epsilon in the trust-ratio denominator.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-style betas (LAMB, AdamW).")
+    impl: Literal["torch", "apex", "deepspeed"] = Field(
+        "torch", description="Kernel provider; apex/deepspeed must be installed (checked at start).")
+    fused: bool | None = Field(None, description="torch fused kernels (SGD/AdamW); None = foreach.")
+
+
+class ScheduleConfig(Section):
+    kind: Literal["step", "cosine", "poly", "constant"] = Field("step", description="Decay after warmup.")
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup length in epochs (Goyal et al.).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps; overrides warmup_epochs.")
+    warmup_start_lr: float = Field(0.0, ge=0, description="Learning rate at step 0 of the warmup.")
+    milestones_epochs: list[float] = Field(
+        default_factory=list, description="Step decay: epochs at which lr is multiplied by gamma.")
+    milestones_steps: list[int] | None = Field(
+        None, description="Step decay milestones in steps; overrides milestones_epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Step decay factor (the paper's divide by 10).")
+    end_lr: float = Field(0.0, ge=0, description="Final lr of cosine / poly decay.")
+    power: float = Field(2.0, gt=0, description="Polynomial decay power (MLPerf: 2).")
+
+
+class PrecisionConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast dtype of the forward pass.")
+    scaler: Literal["dynamic", "static", "none"] = Field(
+        "none", description="Loss scaling: dynamic (fp16), static (fixed static_scale) or none.")
+    init_scale: float = Field(65536.0, gt=0, description="Initial dynamic loss scale.")
+    growth_interval: int = Field(2000, ge=1, description="Steps without overflow before the scale doubles.")
+    static_scale: float = Field(128.0, gt=0, description="Loss scale when scaler is static.")
+
+
+class DistConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Training processes (Ray Train workers / ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; false = CPU, gloo.")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs Ray reserves per worker.")
+    engine: Literal["ddp", "deepspeed"] = Field("ddp", description="Data-parallel engine.")
+    zero_stage: Literal[0, 1] = Field(0, description="DeepSpeed ZeRO stage (engine: deepspeed).")
+    syncbn: Literal["off", "rtrain", "torch", "apex"] = Field(
+        "off", description="Synchronized BN: rtrain (gloo and NCCL), torch/apex (CUDA only) or off.")
+    bn_group_size: int | None = Field(None, ge=1, description="Ranks per BN group (MLPerf); None = all ranks.")
+    bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size.")
+    static_graph: bool = Field(False, description="DDP static_graph.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None = local Ray or RAY_ADDRESS.")
+    launcher: Literal["ray", "local"] = Field(
+        "ray", description="ray = Ray Train workers; local = plain torch.distributed processes on this host.")
+
+
+class CheckpointConfig(Section):
+    dir: str | None = Field(None, description="Checkpoint root; None = <output_root>/<name>/checkpoints.")
+    every_steps: int | None = Field(None, ge=1, description="Save every this many steps (None = per epoch).")
+    keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
+    async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
+    resume: str = Field("auto", description="auto = newest verified checkpoint if any; never; or a step-N path.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Log params, metrics and checkpoints to MLflow (rank 0 only).")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or server URL).")
+    experiment: str = Field("rtrain", description="MLflow experiment name.")
+    log_checkpoints: bool = Field(False, description="Also log each checkpoint's files as artifacts.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow run tags.")
+
+
+class EvalConfig(Section):
+    every_epochs: float = Field(1.0, gt=0, description="Evaluate every this many epochs (and at the end).")
+    batch_size: int | None = Field(None, gt=0, description="Per-rank eval batch; None = train per-rank batch.")
+    ten_crop: bool = Field(False, description="Paper's 10-crop testing.")
+    scales: list[int] = Field(
+        default_factory=list, description="Fully-convolutional multi-scale testing: shorter sides to average.")

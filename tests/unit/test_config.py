@@ -1,0 +1,144 @@
+from pathlib import Path
+
+import pytest
+
+from rtrain.config import Recipe, RecipeError, apply_overrides, load_recipe, loads_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def _recipe(*overrides: str) -> Recipe:
+    return Recipe().with_overrides(list(overrides))
+
+
+def _error(*overrides: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        _recipe(*overrides)
+    return str(info.value)
+
+
+def test_defaults_are_valid_and_derived_values():
+    r = Recipe()
+    assert r.peak_lr == pytest.approx(0.1)
+    assert r.per_worker_batch == 256
+    r = _recipe("train.global_batch=1024", "dist.num_workers=4", "train.accumulation_steps=2")
+    assert (r.per_worker_batch, r.micro_batch, r.peak_lr) == (256, 128, pytest.approx(0.4))
+
+
+def test_override_typing():
+    r = _recipe("optim.lr=1e-4", "optim.base_lr_per_256=null", "train.compile=true",
+                "schedule.milestones_epochs=[30, 60]", "model.checkpoint_stages=[1,2]",
+                "run.name=exp-7", "dist.num_workers=2", "train.global_batch=512",
+                "data.rrc_scale=[0.25, 1]", "tracking.tags={team: vision}")
+    assert r.optim.lr == pytest.approx(1e-4) and r.optim.base_lr_per_256 is None
+    assert r.train.compile is True
+    assert r.schedule.milestones_epochs == [30.0, 60.0]
+    assert r.model.checkpoint_stages == [1, 2]
+    assert r.run.name == "exp-7" and r.dist.num_workers == 2
+    assert r.data.rrc_scale == (0.25, 1.0)
+    assert r.tracking.tags == {"team": "vision"}
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"optim": {"lr": 0.1}}
+    out = apply_overrides(raw, ["optim.lr=0.2", "train.epochs=3"])
+    assert raw == {"optim": {"lr": 0.1}} and out["optim"]["lr"] == 0.2 and out["train"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("override", ["optim", "=3", "optim.lr"])
+def test_malformed_override(override):
+    assert "override" in _error(override)
+
+
+def test_override_into_a_value_is_refused():
+    assert "run.name is not a section" in _error("run.name.first=3")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lrr=0.1", "optim.lrr"),
+    ("nosuch.section=1", "nosuch"),
+    ("optim.lr=abc", "optim.lr"),
+    ("train.global_batch=-4", "train.global_batch"),
+    ("precision.dtype=fp8", "precision.dtype"),
+    ("model.shortcut=D", "model.shortcut"),
+    ("dist.zero_stage=3", "dist.zero_stage"),
+])
+def test_field_errors_name_the_dotted_key(override, key):
+    message = _error(override)
+    assert key in message
+    value = override.split("=", 1)[1]
+    assert value in message
+
+
+def test_frozen_after_validation():
+    r = Recipe()
+    with pytest.raises(Exception):
+        r.optim.lr = 3.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["train.global_batch=250", "dist.num_workers=4"], "train.global_batch"),
+    (["train.global_batch=256", "dist.num_workers=2", "train.accumulation_steps=3"], "train.global_batch"),
+    (["optim.lr=0.5"], "optim.lr"),
+    (["optim.base_lr_per_256=null"], "optim.lr"),
+    (["optim.name=lars", "optim.exclude_bn_bias=false"], "optim.exclude_bn_bias"),
+    (["optim.name=lars", "optim.fused=true"], "optim.fused"),
+    (["precision.dtype=fp16"], "precision.scaler"),
+    (["precision.scaler=dynamic"], "precision.scaler"),
+    (["dist.syncbn=torch"], "dist.syncbn"),
+    (["data.backend=dali"], "data.backend"),
+    (["dist.zero_stage=1"], "dist.zero_stage"),
+    (["dist.num_workers=4", "train.global_batch=256", "dist.syncbn=rtrain", "dist.bn_group_size=3"],
+     "dist.bn_group_size"),
+    (["dist.num_workers=2", "dist.bn_group_size=2"], "dist.bn_group_size"),
+    (["schedule.milestones_epochs=[60, 30]"], "schedule.milestones_epochs"),
+    (["schedule.milestones_epochs=[30, 95]"], "schedule.milestones_epochs"),
+    (["schedule.kind=cosine", "schedule.milestones_epochs=[30]"], "schedule.milestones_epochs"),
+    (["schedule.warmup_epochs=100"], "schedule.warmup_epochs"),
+    (["schedule.kind=poly", "schedule.end_lr=5"], "schedule.end_lr"),
+    (["data.scale_min=500"], "data.scale_min"),
+])
+def test_cross_field_errors(overrides, key):
+    assert key in _error(*overrides)
+
+
+def test_fp16_with_scaler_and_deepspeed_zero_are_valid():
+    r = _recipe("precision.dtype=fp16", "precision.scaler=dynamic", "dist.engine=deepspeed", "dist.zero_stage=1")
+    assert r.precision.scaler == "dynamic" and r.dist.zero_stage == 1
+
+
+def test_yaml_round_trip(tmp_path):
+    r = _recipe("optim.name=lars", "schedule.kind=poly", "schedule.end_lr=1e-4", "model.name=resnet152",
+                "tracking.tags={a: b}", "eval.scales=[224, 256]")
+    again = loads_recipe(r.to_yaml())
+    assert again == r
+    path = tmp_path / "r.yaml"
+    path.write_text(r.to_yaml())
+    assert load_recipe(path) == r
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="cannot read recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="YAML mapping"):
+        load_recipe(bad)
+    bad.write_text("optim:\n  lr: 0.1\n  momentun: 0.9\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml.*\n.*optim.momentun"):
+        load_recipe(bad)
+
+
+def test_empty_file_is_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_recipe(path) == Recipe()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert loads_recipe(recipe.to_yaml()) == recipe
