@@ -1,0 +1,219 @@
+"""fit(): the training loop. It is handed everything it touches (backend, loaders, schedule, checkpointer,
+tracker); it imports neither checkpointing nor tracking, so the same loop runs under Ray Train, a plain
+torch.distributed launch and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from rtrain.config import Recipe
+from rtrain.dist.backend import Backend
+from rtrain.engine.ema import ModelEMA
+from rtrain.engine.rng import capture_rng_state, restore_rng_state
+from rtrain.engine.state import TrainState
+from rtrain.engine.step import Normalizer, TrainStep
+
+log = logging.getLogger("rtrain.engine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite steps; the weights were never updated with them."""
+
+
+class Checkpointer(Protocol):
+    def save(self, step: int, shared: dict, per_rank: dict | None = None, meta: dict | None = None) -> None: ...
+    def wait(self) -> None: ...
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class Schedule(Protocol):
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float: ...
+
+
+@dataclass
+class FitParts:
+    recipe: Recipe
+    backend: Backend
+    train_step: TrainStep
+    normalizer: Normalizer
+    train_loader: Any  # rtrain.data ShardLoader: set_epoch, __iter__, __len__, state_dict, stats
+    evaluate: Callable[[torch.nn.Module], dict[str, float]]  # runs the eval split on a model
+    schedule: Schedule
+    total_steps: int
+    steps_per_epoch: int
+    checkpointer: Checkpointer | None = None
+    tracker: Tracker | None = None
+    ema: ModelEMA | None = None
+    state: TrainState = field(default_factory=TrainState)
+    rank: int = 0
+
+
+def checkpoint_payload(parts: FitParts) -> tuple[dict, dict, dict]:
+    shared = dict(parts.backend.shared_state())
+    shared["train_state"] = parts.state.state_dict()
+    if parts.ema is not None:
+        shared["ema"] = parts.ema.state_dict()
+    per_rank = dict(parts.backend.per_rank_state())
+    per_rank["rng"] = capture_rng_state()
+    per_rank["loader"] = parts.train_loader.state_dict()
+    meta = {"recipe_yaml": parts.recipe.to_yaml(), "step": parts.state.step, "epoch": parts.state.epoch,
+            "samples_seen": parts.state.samples_seen}
+    if parts.tracker is not None:
+        meta["tracking"] = parts.tracker.state_dict()
+    return shared, per_rank, meta
+
+
+def restore(parts: FitParts, shared: dict, per_rank: dict) -> None:
+    parts.backend.load_state(shared, per_rank)
+    parts.state.load_state_dict(shared["train_state"])
+    if parts.ema is not None and "ema" in shared:
+        parts.ema.load_state_dict(shared["ema"])
+    restore_rng_state(per_rank["rng"])
+    parts.train_loader.load_state_dict(per_rank["loader"])
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+class _Fit:
+    def __init__(self, parts: FitParts) -> None:
+        self.p = parts
+        self.last_eval: dict[str, float] = {}
+        self.last_loss = math.nan
+        self.images_per_s = 0.0
+        # A restored run already has its checkpoint at this step.
+        self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
+
+    def run(self) -> dict[str, Any]:
+        p, state = self.p, self.p.state
+        loader_epoch = p.train_loader.state_dict().get("epoch")
+        if loader_epoch != state.epoch or state.step == 0:
+            p.train_loader.set_epoch(state.epoch)
+        while state.step < p.total_steps:
+            finished_epoch = self._run_epoch()
+            if not finished_epoch:
+                break
+            state.epoch += 1
+            if self._eval_due(state.epoch):
+                self._evaluate()
+            if p.recipe.checkpoint.every_steps is None:
+                self._save()
+            p.train_loader.set_epoch(state.epoch)
+        if not self.last_eval or self.last_eval.get("step") != state.step:
+            self._evaluate()
+        self._save(final=True)
+        if p.checkpointer is not None:
+            p.checkpointer.wait()
+        return self._summary()
+
+    def _run_epoch(self) -> bool:
+        """Train through the loader's epoch; True when the epoch was completed."""
+        p, state = self.p, self.p.state
+        every = p.recipe.checkpoint.every_steps
+        tick = time.perf_counter()
+        for images, labels in p.train_loader:
+            lr = p.schedule.apply(p.backend.optimizer, state.step)
+            result = p.train_step(images, labels)
+            state.step += 1
+            state.samples_seen += p.recipe.train.global_batch
+            self._check_finite(result.found_inf)
+            if p.ema is not None and result.stepped:
+                p.ema.update(p.backend.module)
+            if state.step % p.recipe.train.log_every_steps == 0 or state.step == p.total_steps:
+                now = time.perf_counter()
+                self._log_step(result.loss, lr, now - tick)
+                tick = time.perf_counter()
+            if every is not None and state.step % every == 0:
+                self._save()
+            if state.step >= p.total_steps:
+                # Every epoch is exactly steps_per_epoch steps (equal batches on every rank).
+                return state.step % p.steps_per_epoch == 0
+        return True
+
+    def _check_finite(self, found_inf: bool) -> None:
+        state = self.p.state
+        if not found_inf:
+            state.nonfinite_streak = 0
+            return
+        state.skipped_steps += 1
+        if self.p.recipe.precision.scaler != "none":
+            return  # loss scaling: an overflow lowers the scale and the step is skipped, by design
+        state.nonfinite_streak += 1
+        limit = self.p.recipe.train.max_nonfinite_steps
+        if state.nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_streak} consecutive non-finite losses/gradients up to step {state.step} "
+                f"(train.max_nonfinite_steps={limit}); those steps were skipped, so the weights and the last "
+                f"saved checkpoint are intact. Lower optim.lr or check the data.")
+
+    def _log_step(self, loss: torch.Tensor, lr: float, seconds: float) -> None:
+        p = self.p
+        steps = p.recipe.train.log_every_steps
+        self.last_loss = _global_mean(loss)
+        self.images_per_s = steps * p.recipe.train.global_batch / max(seconds, 1e-9)
+        stats = getattr(p.train_loader, "stats", {}) or {}
+        metrics = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_s": self.images_per_s,
+                   "train/loss_scale": p.backend.loss_scale(), "train/epoch": p.state.epoch,
+                   "train/skipped_steps": p.state.skipped_steps,
+                   "train/skipped_samples": float(stats.get("skipped_samples", 0))}
+        if p.tracker is not None:
+            p.tracker.log_metrics(metrics, step=p.state.step)
+        if p.rank == 0:
+            log.info("step %d/%d epoch %d loss %.4f lr %.4g %.1f img/s", p.state.step, p.total_steps,
+                     p.state.epoch, self.last_loss, lr, self.images_per_s)
+
+    def _eval_due(self, epochs_done: int) -> bool:
+        every = max(1, round(self.p.recipe.eval.every_epochs))
+        return epochs_done % every == 0
+
+    def _evaluate(self) -> None:
+        p = self.p
+        model = p.ema.module if p.ema is not None else p.backend.module
+        result = p.evaluate(model)
+        p.state.last_top1 = result["top1"]
+        p.state.best_top1 = max(p.state.best_top1, result["top1"])
+        self.last_eval = {**result, "step": p.state.step}
+        if p.tracker is not None:
+            p.tracker.log_metrics({f"val/{k}": v for k, v in result.items()}, step=p.state.step)
+        if p.rank == 0:
+            log.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d samples)", p.state.step,
+                     result["top1"], result["top5"], result["loss"], result["samples"])
+
+    def _save(self, final: bool = False) -> None:
+        p = self.p
+        if p.checkpointer is None or p.state.step == self.last_saved_step:
+            return
+        self.last_saved_step = p.state.step
+        shared, per_rank, meta = checkpoint_payload(p)
+        meta["final"] = final
+        p.checkpointer.save(p.state.step, shared, per_rank, meta)
+
+    def _summary(self) -> dict[str, Any]:
+        s = self.p.state
+        stats = getattr(self.p.train_loader, "stats", {}) or {}
+        return {"step": s.step, "epoch": s.epoch, "samples_seen": s.samples_seen, "train_loss": self.last_loss,
+                "val_top1": self.last_eval.get("top1"), "val_top5": self.last_eval.get("top5"),
+                "best_top1": s.best_top1, "skipped_steps": s.skipped_steps,
+                "skipped_samples": int(stats.get("skipped_samples", 0)), "images_per_s": self.images_per_s}
+
+
+def fit(parts: FitParts) -> dict[str, Any]:
+    """Train until parts.total_steps; evaluate per recipe.eval and at the end; checkpoint per recipe."""
+    return _Fit(parts).run()
