@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m rtrain.demo --out $(DEMO_DIR)
+	$(PY) -m data_prep.samples digits --out $(DEMO_DIR)/digits
+	$(PY) -m data_prep.imagenet --src $(DEMO_DIR)/digits --out $(DEMO_DIR)/shards --shard-size 200 --workers 2
+	rm -rf $(DEMO_DIR)/runs/quickstart
+	$(PY) -m rtrain.launch recipes/quickstart.yaml data.source=$(DEMO_DIR)/shards \
+	    run.output_root=$(DEMO_DIR)/runs tracking.uri=sqlite:///$(DEMO_DIR)/mlflow.db
 
 test: $(STAMP)
 	$(PY) -m pytest tests

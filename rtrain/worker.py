@@ -7,6 +7,7 @@ engine meets checkpointing and tracking (the engine only gets them handed in).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -99,8 +100,10 @@ def _eval_fn(recipe: Recipe, rank: int, world: int, normalizer: Normalizer):
     loader = build_loader(cfg, data.val_split, rank=rank, world_size=world,
                           batch_size=e.batch_size or recipe.micro_batch, seed=recipe.run.seed, train=False)
 
+    passes = itertools.count()
+
     def run(model: torch.nn.Module) -> dict[str, float]:
-        loader.set_epoch(0)
+        loader.set_epoch(next(passes))  # a new pass from the start; eval covers every sample each time
         return evaluate(model, loader, normalizer, recipe.precision, mode=mode, crop=data.image_size,
                         scales=list(e.scales))
 

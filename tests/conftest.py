@@ -21,3 +21,29 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args: str, timeout: float = 600, env: dict | None = None):
+    """Run `python -m ...` from the repo root; raise with its output if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"python -m {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """Real handwritten digits (scikit-learn) -> ImageNet folders -> shards, through data_prep on Ray."""
+    root = tmp_path_factory.mktemp("digits")
+    run_module("data_prep.samples", "digits", "--out", str(root / "folders"))
+    run_module("data_prep.imagenet", "--src", str(root / "folders"), "--out", str(root / "shards"),
+               "--shard-size", "200", "--workers", "2", "--no-progress")
+    return root / "shards"

@@ -1,0 +1,38 @@
+"""Input pipeline: WebDataset shards -> deterministic, exactly resumable uint8 batches per rank.
+
+    loader = build_loader(cfg.data, "train", rank=r, world_size=w, batch_size=b, seed=s, train=True)
+    loader.set_epoch(e)
+    for images, labels in DevicePrefetcher(iter(loader), device): ...
+
+Modules: format (shard/manifest contract, shared with data_prep), sources (local or http(s) shards),
+shardread (tar members -> samples), plan (who reads what, in which order), state (resumable position),
+transforms (crop geometry), decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers),
+pipeline (ShardLoader), prefetch (device copies one batch ahead), dali (optional GPU backend).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtrain.data.decode import DecodeError
+from rtrain.data.pipeline import ShardLoader
+from rtrain.data.prefetch import DevicePrefetcher
+from rtrain.data.sources import ShardError
+from rtrain.data.worker import SampleError
+
+
+def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 train: bool) -> Any:
+    """The loader for one split on one rank; `cfg` is the recipe's DataConfig."""
+    if cfg.backend == "dali":
+        from rtrain.data.dali import DaliLoader
+
+        return DaliLoader(cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                          train=train)
+    if cfg.backend != "webdataset":
+        raise ValueError(f"data.backend: unknown backend {cfg.backend!r}")
+    return ShardLoader(cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                       train=train)
+
+
+__all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "build_loader"]

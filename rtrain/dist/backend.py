@@ -71,7 +71,7 @@ class DDPBackend:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb,
-                                              static_graph=static_graph, broadcast_buffers=False)
+                                              static_graph=static_graph)
         self.wrapped = wrapped
         self._forward = torch.compile(wrapped) if compile_model else wrapped
 

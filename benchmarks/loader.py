@@ -1,0 +1,198 @@
+"""Train-pipeline throughput per CPU core: rtrain's shard loader against the classic torchvision pipeline.
+
+    python benchmarks/loader.py [--data DIR] [--workers 1,2] [--batch 64] [--rounds 2]
+
+DIR holds shards (DIR/train/manifest.json) or JPEGs (DIR/train/<class>/*.JPEG or DIR/<class>/*.JPEG); by
+default a synthetic ImageNet-sized set is made with data_prep.synthetic. Both pipelines read the same images:
+shards are extracted to files for the classic pipeline, a JPEG folder is sharded for rtrain.
+
+classic: ImageFolder-style (one file per sample), PIL full decode + convert("RGB"), torchvision-equivalent
+RandomResizedCrop(224) (crop + bilinear resize on the PIL image) + horizontal flip + ToTensor + Normalize,
+default collate (float32 batches). rtrain: build_loader(train=True) with the default rrc augmentation
+(uint8 batches; normalization happens on the device in the train step).
+
+Each measurement is one epoch through a fresh DataLoader with N worker processes, timed from the first batch
+to the last (worker start-up excluded for both); images/s per core = images/s / N. Configurations alternate
+(classic, rtrain) and the best of `--rounds` is kept. The last line is `ratio_vs_classic: X.XX`, the
+geometric mean over worker counts of rtrain's per-core throughput over classic's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import random
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+# The repository first: this folder holds a data_prep.py benchmark that would shadow the data_prep package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rtrain.config import DataConfig
+from rtrain.data import build_loader
+from rtrain.data.format import (
+    Manifest,
+    ShardEntry,
+    decode_cls,
+    encode_cls,
+    sha256_file,
+    shard_name,
+)
+from rtrain.data.transforms import rrc_box
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+SHARD_SAMPLES = 128
+
+
+class ClassicFolder(Dataset):
+    """torchvision.datasets.ImageFolder + RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize."""
+
+    def __init__(self, items: list[tuple[Path, int]], size: int = 224):
+        self.items, self.size = items, size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        with open(path, "rb") as f:
+            image = Image.open(f).convert("RGB")
+        box = rrc_box(random, image.width, image.height, (0.08, 1.0), (3 / 4, 4 / 3))
+        image = image.crop(box).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(self.size, self.size, 3)
+        tensor = pixels.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        return tensor.sub(MEAN).div(STD), label
+
+
+def folder_items(root: Path) -> list[tuple[Path, int]]:
+    base = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+    items = [(path, index) for index, name in enumerate(classes) for path in sorted((base / name).iterdir())
+             if path.suffix.lower() in IMAGE_EXTENSIONS]
+    if not items:
+        raise SystemExit(f"{root}: no shards (train/manifest.json) and no class folders of JPEGs")
+    return items
+
+
+def write_shards(items: list[tuple[Path, int]], out: Path) -> None:
+    split = out / "train"
+    split.mkdir(parents=True)
+    order = random.Random(0).sample(items, len(items))
+    entries = []
+    for index in range(0, len(order), SHARD_SAMPLES):
+        path = split / shard_name("train", index // SHARD_SAMPLES)
+        chunk = order[index:index + SHARD_SAMPLES]
+        with tarfile.open(path, "w") as tar:
+            for number, (source, label) in enumerate(chunk):
+                key = f"{index + number:08d}"
+                for ext, payload in (("cls", encode_cls(label)), ("jpg", source.read_bytes())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        entries.append(ShardEntry(path.name, len(chunk), path.stat().st_size, sha256_file(path)))
+    classes = {f"class{i:04d}": i for i in range(max(label for _, label in items) + 1)}
+    (split / "manifest.json").write_text(Manifest("train", entries, classes).to_json())
+
+
+def extract_shards(shard_root: Path, out: Path) -> list[tuple[Path, int]]:
+    manifest = Manifest.load(shard_root / "train" / "manifest.json")
+    items = []
+    for entry in manifest.shards:
+        with tarfile.open(shard_root / "train" / entry.name) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for name, member in members.items():
+                if not name.endswith(".jpg"):
+                    continue
+                label = decode_cls(tar.extractfile(members[name[:-4] + ".cls"]).read())
+                path = out / f"{len(items):08d}.jpg"
+                path.write_bytes(tar.extractfile(member).read())
+                items.append((path, label))
+    return items
+
+
+def prepare(data: Path | None, scratch: Path, classes: int, per_class: int) -> tuple[Path, list]:
+    """(shard root, classic file items) over the same images."""
+    if data is not None and (data / "train" / "manifest.json").is_file():
+        (scratch / "files").mkdir()
+        return data, extract_shards(data, scratch / "files")
+    if data is None:
+        from data_prep.synthetic import SyntheticSpec, write_synthetic
+
+        data = scratch / "synthetic"
+        write_synthetic(data, SyntheticSpec(classes=classes, per_class=per_class, val_per_class=0, quirks=False))
+    items = folder_items(data)
+    write_shards(items, scratch / "shards")
+    return scratch / "shards", items
+
+
+def timed_epoch(batches) -> tuple[int, float]:
+    """Images after the first batch and the seconds they took."""
+    iterator = iter(batches)
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    for images, _ in iterator:
+        count += len(images)
+    return count, time.perf_counter() - start
+
+
+def run_classic(items: list, workers: int, batch: int) -> float:
+    loader = DataLoader(ClassicFolder(items), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    count, seconds = timed_epoch(loader)
+    return count / seconds
+
+
+def run_rtrain(shard_root: Path, workers: int, batch: int, epoch: int) -> float:
+    cfg = DataConfig(source=str(shard_root), num_workers=workers, pin_memory=False)
+    loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=batch, seed=0, train=True)
+    loader.set_epoch(epoch)
+    count, seconds = timed_epoch(loader)
+    return count / seconds
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="shards or a JPEG folder (default: synthetic)")
+    parser.add_argument("--workers", default="1,2", help="comma list of DataLoader worker counts")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--classes", type=int, default=8, help="synthetic set: classes")
+    parser.add_argument("--per-class", type=int, default=96, help="synthetic set: images per class")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="rtrain-loader-bench-") as tmp:
+        shard_root, items = prepare(args.data, Path(tmp), args.classes, args.per_class)
+        sizes = [Path(p).stat().st_size for p, _ in items]
+        print(f"images: {len(items)}, mean {np.mean(sizes) / 1e3:.0f} KB; batch {args.batch}; "
+              f"load {load_average()}")
+        ratios = []
+        for workers in (int(w) for w in args.workers.split(",")):
+            classic, ours = 0.0, 0.0
+            for round_index in range(args.rounds):
+                classic = max(classic, run_classic(items, workers, args.batch))
+                ours = max(ours, run_rtrain(shard_root, workers, args.batch, round_index))
+            ratios.append(ours / classic)
+            print(f"workers={workers}: classic {classic / workers:7.1f} img/s/core   "
+                  f"rtrain {ours / workers:7.1f} img/s/core   ratio {ours / classic:.2f}")
+        print(f"load after: {load_average()}")
+        print(f"ratio_vs_classic: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
+
+
+if __name__ == "__main__":
+    main()

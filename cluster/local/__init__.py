@@ -1,0 +1,1 @@
+"""Start and stop a local Ray head and a local MLflow server (sqlite) for development and tests."""

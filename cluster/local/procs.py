@@ -1,0 +1,125 @@
+"""Background service processes owned through a PID file: start detached, wait until ready, stop by PID.
+
+Each service runs in its own session (process group), so stopping it also ends the helpers it forked
+(MLflow's uvicorn workers, Ray's raylet and GCS) and nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+class ServiceError(RuntimeError):
+    """A local service failed to start or stop; the message names the service, its PID file and log."""
+
+
+def spawn_detached(argv: Sequence[str], log_path: Path, pid_file: Path,
+                   env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start argv in a new session with output to log_path, and record its PID in pid_file."""
+    existing = read_pid(pid_file)
+    if existing is not None and pid_alive(existing):
+        raise ServiceError(f"{pid_file}: a service with PID {existing} is already running; stop it first")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=dict(env) if env is not None else None)
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc
+
+
+def read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        raise ServiceError(f"{pid_file}: not a PID file (content {text[:40]!r})")
+    return int(text)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while pid runs; reaps it first if it is our own exited child (a zombie would look alive)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pid_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, alive: Callable[[], bool],
+               log_path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if not alive():
+            raise ServiceError(f"{what} exited during start-up; last log lines of {log_path}:\n{log_tail(log_path)}")
+        time.sleep(0.5)
+    raise ServiceError(f"{what} not ready after {timeout_s:.0f} s; last log lines of {log_path}:\n{log_tail(log_path)}")
+
+
+def log_tail(log_path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_by_pid_file(pid_file: Path, expect_in_cmdline: str, grace_s: float = 20.0) -> bool:
+    """SIGTERM the service's process group, SIGKILL it after grace_s; False when nothing was running.
+
+    The PID must still belong to the expected program (PIDs get reused), else the stale file is removed.
+    """
+    pid = read_pid(pid_file)
+    if pid is None:
+        return False
+    if not pid_alive(pid) or expect_in_cmdline not in pid_cmdline(pid):
+        pid_file.unlink(missing_ok=True)
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Helpers that outlive the leader (or a leader ignoring SIGTERM) are killed with the whole group.
+    _signal_group(pid, signal.SIGKILL)
+    while pid_alive(pid):
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,6 @@
+"""Jobs that build datasets for rtrain.
+
+- ``python -m data_prep.imagenet``: ImageNet-style folders -> verified WebDataset shards, on Ray.
+- ``python -m data_prep.verify``: re-check every shard of an output against its manifest.
+- ``python -m data_prep.samples``: small real (digits) and synthetic ImageNet-like folders.
+"""

@@ -1,0 +1,205 @@
+"""ShardLoader: a split's shards -> this rank's uint8 batches, deterministic and exactly resumable.
+
+Reads tars with the standard library rather than webdataset's pipeline: webdataset 1.0 has no resumable
+state, and exact resume needs to know, before reading, which sample lands in which batch (plan.py), which is
+simplest with a reader that owns the order. The format is plain WebDataset (`{key}.jpg`, `{key}.cls`).
+
+Contract (the engine relies on it):
+- `len(loader)` is the number of batches of the current epoch and is the same on every rank; iterating
+  yields the rest of the current epoch (all of it after `set_epoch`, the remainder after `load_state_dict`).
+- batches are (images uint8 N,3,H,W [channels_last memory if configured], labels int64 N); a sample skipped
+  under `on_bad_sample: skip` makes its batch one shorter, it never shifts later batches.
+- `state_dict()` covers exactly the batches handed to the caller (not those prefetched by workers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rtrain.data.plan import (
+    Layout,
+    SegmentGeometry,
+    epoch_pool,
+    next_pool,
+    shard_offsets,
+    slot_batches_done,
+)
+from rtrain.data.sources import ShardSource
+from rtrain.data.state import LoaderState, parse_state
+from rtrain.data.worker import EpochTask, RankBatches
+
+
+class ShardLoader:
+    def __init__(self, cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
+                 train: bool):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"loader: rank {rank} is not in a world of size {world_size}")
+        if batch_size < 1:
+            raise ValueError(f"loader: batch_size must be positive, got {batch_size}")
+        self.cfg, self.split, self.rank, self.train = cfg, split, rank, train
+        self.seed = int(seed)
+        self.source = ShardSource(cfg.source, split)
+        self.manifest = self.source.read_manifest()
+        counts = [entry.count for entry in self.manifest.shards]
+        self._offsets = shard_offsets(counts)
+        self.layout = Layout(world_size, batch_size, max(1, cfg.num_workers), cfg.shuffle_buffer, train)
+        self._state = LoaderState(split, train, self.seed, 0, self.manifest.num_samples, self.layout)
+        self._pool_key: tuple | None = None
+        self._pool = np.zeros(0, dtype=np.int64)
+        self._held_ahead = 0
+        if self.manifest.num_samples == 0 or self._geometry().batches_per_rank == 0:
+            raise ValueError(
+                f"{self.source.location}: split {split!r} has {self.manifest.num_samples} samples, fewer than "
+                f"one batch per rank ({world_size} ranks x {batch_size})")
+
+    # ---- what the engine reads -------------------------------------------------------------------------
+    @property
+    def classes(self) -> dict[str, int]:
+        return dict(self.manifest.classes)
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._state.stats)
+
+    def __len__(self) -> int:
+        return sum(done for _, done in self._state.history_layouts()) + self._geometry().batches_per_rank
+
+    @property
+    def batches_remaining(self) -> int:
+        return self._geometry().batches_per_rank - self._state.batches_done
+
+    @property
+    def num_samples(self) -> int:
+        """Samples the current epoch covers over all ranks (train drops the last partial global batch)."""
+        size, earlier = self.manifest.num_samples, 0
+        for layout, done in self._state.history_layouts():
+            geometry = SegmentGeometry.of(size, layout)
+            consumed = sum(sum(sizes[:done]) for sizes in geometry.rank_sizes)
+            earlier += consumed
+            size = geometry.samples_covered - consumed
+        return earlier + self._geometry().samples_covered
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning; setting the current epoch again keeps the position."""
+        if epoch != self._state.epoch:
+            self._state.epoch = int(epoch)
+            self._state.batches_done = 0
+            self._state.history = []
+
+    def __iter__(self) -> EpochIterator:
+        return EpochIterator(self)
+
+    # ---- resumable state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = self._state
+        done = state.batches_done - self._held_ahead
+        geometry = self._geometry()
+        slots = self.layout.slots_per_rank
+        consumed = [
+            [sum(sizes[slot::slots][:slot_batches_done(done, slot, slots)]) for slot in range(slots)]
+            for sizes in geometry.rank_sizes
+        ]
+        snapshot = LoaderState(state.split, state.train, state.seed, state.epoch, state.num_samples,
+                               state.layout, done, state.history, state.stats)
+        return snapshot.to_dict(consumed)
+
+    def load_state_dict(self, raw: dict[str, Any]) -> None:
+        saved = parse_state(raw)
+        where = f"loader state for split {self.split!r}"
+        if saved.split != self.split or saved.train != self.train:
+            raise ValueError(f"{where}: state is for split {saved.split!r} (train={saved.train})")
+        if saved.num_samples != self.manifest.num_samples:
+            raise ValueError(f"{where}: state covers {saved.num_samples} samples, the manifest at "
+                             f"{self.source.location} lists {self.manifest.num_samples}")
+        if saved.seed != self.seed:
+            raise ValueError(f"{where}: seed {saved.seed} differs from this run's seed {self.seed}")
+        self._check_consumed(saved, raw["slot_consumed"])
+        history, done = saved.history, saved.batches_done
+        if saved.layout != self.layout and done > 0:
+            history, done = history + [saved.layout.as_list() + [done]], 0
+        self._state = LoaderState(self.split, self.train, self.seed, saved.epoch, saved.num_samples,
+                                  self.layout, done, history, dict(saved.stats))
+        self._held_ahead = 0
+
+    def _check_consumed(self, saved: LoaderState, slot_consumed: Any) -> None:
+        probe = LoaderState(saved.split, saved.train, saved.seed, saved.epoch, saved.num_samples,
+                            saved.layout, saved.batches_done, saved.history)
+        geometry = SegmentGeometry.of(len(self._pool_for(probe)), saved.layout)
+        if saved.batches_done > geometry.batches_per_rank:
+            raise ValueError(f"loader state: batches_done {saved.batches_done} exceeds the "
+                             f"{geometry.batches_per_rank} batches of its epoch plan")
+        k = saved.layout.slots_per_rank
+        expected = [[sum(sizes[s::k][:slot_batches_done(saved.batches_done, s, k)]) for s in range(k)]
+                    for sizes in geometry.rank_sizes]
+        if [list(map(int, row)) for row in slot_consumed] != expected:
+            raise ValueError("loader state: slot_consumed does not match the epoch plan (other data or seed?)")
+
+    # ---- plan --------------------------------------------------------------------------------------------
+    def _counts(self) -> list[int]:
+        return [entry.count for entry in self.manifest.shards]
+
+    def _pool_for(self, state: LoaderState) -> np.ndarray:
+        """The current segment's pool: the epoch's samples minus what earlier segments consumed."""
+        key = (state.epoch, tuple(map(tuple, state.history)))
+        if key != self._pool_key:
+            pool = epoch_pool(self._counts(), self.seed, state.epoch, self.train)
+            for segment, (layout, done) in enumerate(state.history_layouts()):
+                pool = next_pool(pool, layout, done, seed=self.seed, epoch=state.epoch, segment=segment)
+            self._pool_key, self._pool = key, pool
+        return self._pool
+
+    def _geometry(self) -> SegmentGeometry:
+        return SegmentGeometry.of(len(self._pool_for(self._state)), self.layout)
+
+    def _task(self) -> EpochTask:
+        cfg = self.cfg
+        return EpochTask(
+            source=self.source, shards=list(self.manifest.shards), offsets=self._offsets,
+            pool=self._pool_for(self._state), geometry=self._geometry(), rank=self.rank, seed=self.seed,
+            epoch=self.epoch, segment=len(self._state.history), batches_done=self._state.batches_done,
+            transform=cfg, num_classes=max(self.manifest.num_classes, 1),
+            skip_bad=cfg.on_bad_sample == "skip", verify_sha256=cfg.verify_sha256,
+            channels_last=cfg.channels_last,
+        )
+
+
+class EpochIterator:
+    """Iterates the rest of the loader's current epoch; counts batches as they are handed out."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = loader
+        loader._held_ahead = 0
+        task = loader._task()
+        self._items: Iterator = iter(())
+        if task.batches_left > 0:
+            cfg = loader.cfg
+            self._items = iter(DataLoader(
+                RankBatches(task), batch_size=None, num_workers=cfg.num_workers,
+                pin_memory=bool(cfg.pin_memory and torch.cuda.is_available()), persistent_workers=False,
+            ))
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.loader._state
+        while True:
+            images, labels, stats = next(self._items)
+            for key, value in stats.items():
+                state.stats[key] = state.stats.get(key, 0) + int(value)
+            if images is not None:
+                state.batches_done += 1
+                return images, labels
+
+    def hold_ahead(self, batches: int) -> None:
+        """A prefetcher holds `batches` already taken from this iterator but not yet given to the caller."""
+        self.loader._held_ahead = batches

@@ -1,0 +1,91 @@
+"""Samples out of one shard's tar: group members by key, read only the positions a slot needs.
+
+Members belong to the same sample while their key (the path up to the first dot of the file name, as in
+webdataset) stays the same; a sample's position is its index in the shard. Members of positions nobody
+needs are never read (a seekable tar steps over their data), which is how a resumed run skips the samples
+it already consumed without reading or decoding them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rtrain.data.format import SAMPLE_FIELDS
+
+
+@dataclass
+class RawSample:
+    """Undecoded sample: its key and the bytes of the fields the loader uses."""
+
+    shard: str
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardDamage:
+    """Why the positions a slot still needed from a shard never arrived."""
+
+    shard: str
+    reason: str
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/n01_1.jpg` -> (`dir/n01_1`, `jpg`); webdataset's key/extension rule."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int],
+                   expected_count: int) -> Iterator[tuple[int, RawSample | ShardDamage]]:
+    """Yield (position, sample) for every wanted position, in shard order.
+
+    A wanted position that the tar does not deliver (truncated or short shard, unreadable member) is
+    yielded as (position, ShardDamage) after the readable ones, so a consumer never waits for it.
+    """
+    pending = set(wanted)
+    last = max(wanted) if wanted else -1
+    position, key, sample = -1, None, None
+    damage = None
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = split_member_name(member.name)
+            if member_key != key:
+                if sample is not None:
+                    pending.discard(position)
+                    yield position, sample
+                position, key, sample = position + 1, member_key, None
+                if position > last:
+                    break
+                if position in pending:
+                    sample = RawSample(shard, member_key)
+            if sample is not None and ext in SAMPLE_FIELDS:
+                sample.fields[ext] = _read_member(tar, member)
+        else:
+            if sample is not None:
+                pending.discard(position)
+                yield position, sample
+            if position + 1 < expected_count:
+                damage = ShardDamage(shard, f"{position + 1} samples, manifest says {expected_count}")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        damage = ShardDamage(shard, f"unreadable after sample {position} ({exc})")
+    if pending:
+        damage = damage or ShardDamage(shard, "ended before the wanted samples")
+        for missing in sorted(pending):
+            yield missing, damage
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    if handle is None:
+        return b""
+    data = handle.read()
+    if len(data) != member.size:
+        raise EOFError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
+    return data

@@ -1,0 +1,223 @@
+"""One rank's batches for the rest of an epoch, produced by DataLoader worker processes.
+
+Worker process w of a rank serves slot (batches_done + w) mod K, so the DataLoader's round robin over its
+workers hands the rank's batches back in plan order: item t is rank batch batches_done + t. Every worker
+yields the same number of items (the ones with fewer batches left pad with empty items at the end), which
+keeps the round robin, and therefore the batch order, independent of timing.
+
+A slot reads its shards in order and keeps the raw bytes of samples it has read but not yet emitted (at most
+the shuffle buffer's worth, as in a streaming shuffle buffer), and emits them in the plan's shuffled order;
+each is decoded only when it is emitted. Samples the slot already emitted before a resume are never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from rtrain.data.decode import DecodeError, probe, render
+from rtrain.data.format import ShardEntry, decode_cls
+from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
+from rtrain.data.shardread import RawSample, ShardDamage, read_positions
+from rtrain.data.sources import ShardError, ShardSource
+from rtrain.data.state import STAT_KEYS
+from rtrain.data.transforms import TransformConfig, make_view
+
+
+class SampleError(ValueError):
+    """A sample cannot be used (undecodable image, missing field, bad label); names shard and key."""
+
+
+@dataclass(frozen=True)
+class EpochTask:
+    """Everything a worker needs to produce its share of the rest of one segment of an epoch."""
+
+    source: ShardSource
+    shards: list[ShardEntry]
+    offsets: np.ndarray  # canonical id of each shard's first sample
+    pool: np.ndarray  # canonical ids of the segment's samples in reading order
+    geometry: SegmentGeometry
+    rank: int
+    seed: int
+    epoch: int
+    segment: int
+    batches_done: int  # rank batches already yielded in this segment
+    transform: TransformConfig
+    num_classes: int
+    skip_bad: bool
+    verify_sha256: bool
+    channels_last: bool
+
+    @property
+    def batches_left(self) -> int:
+        return self.geometry.batches_per_rank - self.batches_done
+
+
+class BatchAssembler:
+    """Fills fixed-size uint8 NCHW batches; bad samples leave the batch one shorter."""
+
+    def __init__(self, sizes: list[int], image_size: int, channels_last: bool):
+        self.sizes = list(sizes)
+        self.image_size = image_size
+        self.channels_last = channels_last
+        self._start_next()
+
+    def _start_next(self) -> None:
+        size = self.sizes[0] if self.sizes else 0
+        side = self.image_size
+        if self.channels_last:  # NHWC storage seen as NCHW: torch's channels_last memory format
+            self.images = torch.empty((size, side, side, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+        else:
+            self.images = torch.empty((size, 3, side, side), dtype=torch.uint8)
+        self.labels: list[int] = []
+        self.slots_used = 0
+
+    def add(self, image: torch.Tensor | None, label: int | None) -> None:
+        """Place a (3, H, W) image; None marks a skipped sample."""
+        if image is not None:
+            self.images[len(self.labels)].copy_(image)
+            self.labels.append(label)
+        self.slots_used += 1
+
+    @property
+    def full(self) -> bool:
+        return bool(self.sizes) and self.slots_used >= self.sizes[0]
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[: len(self.labels)]
+        labels = torch.tensor(self.labels, dtype=torch.int64)
+        self.sizes.pop(0)
+        self._start_next()
+        return images, labels
+
+
+class RankBatches(IterableDataset):
+    """Iterable over (images, labels, stat increments) items; (None, None, stats) pads the end."""
+
+    def __init__(self, task: EpochTask):
+        super().__init__()
+        self.task = task
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, dict[str, int]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        task = self.task
+        slots = task.geometry.layout.slots_per_rank
+        if workers != slots:
+            raise RuntimeError(f"loader: {workers} worker processes for {slots} slots per rank")
+        items = -(-task.batches_left // slots)
+        produced = 0
+        reader = SlotReader(task, (task.batches_done + worker) % slots)
+        for produced, item in enumerate(reader.batches(), start=1):
+            yield item
+        for _ in range(items - produced):
+            yield None, None, reader.take_stats()
+
+
+class SlotReader:
+    """Reads one slot's remaining samples and turns them into its remaining batches."""
+
+    def __init__(self, task: EpochTask, slot: int):
+        self.task = task
+        self.plan = slot_plan(task.geometry, task.rank, slot, seed=task.seed, epoch=task.epoch,
+                              segment=task.segment)
+        done = slot_batches_done(task.batches_done, slot, task.geometry.layout.slots_per_rank)
+        self.batch_sizes = self.plan.batch_sizes[done:]
+        consumed = sum(self.plan.batch_sizes[:done])
+        self.emission = task.pool[self.plan.emission[consumed:]]
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.damaged_shards: set[str] = set()
+
+    def take_stats(self) -> dict[str, int]:
+        stats, self.stats = self.stats, dict.fromkeys(STAT_KEYS, 0)
+        return stats
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
+        task = self.task
+        assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last)
+        for sample_id, item in self._samples_in_emission_order():
+            image, label = self._prepare(sample_id, item)
+            assembler.add(image, label)
+            if assembler.full:
+                images, labels = assembler.take()
+                yield images, labels, self.take_stats()
+
+    def _read_runs(self) -> Iterator[tuple[int, list[int]]]:
+        """(shard index, wanted positions) in reading order, for shards holding remaining samples."""
+        read_ids = self.task.pool[self.plan.read_order]
+        wanted = read_ids[np.isin(read_ids, self.emission)]
+        shard_of = np.searchsorted(self.task.offsets, wanted, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        for ids, shards in zip(np.split(wanted, cuts), np.split(shard_of, cuts)):
+            if len(ids):
+                yield int(shards[0]), (ids - self.task.offsets[shards[0]]).tolist()
+
+    def _samples_in_emission_order(self) -> Iterator[tuple[int, RawSample | ShardDamage]]:
+        order = self.emission.tolist()
+        held: dict[int, RawSample | ShardDamage] = {}
+        cursor = 0
+        for shard_index, positions in self._read_runs():
+            first = int(self.task.offsets[shard_index])
+            for position, item in self._read_shard(shard_index, positions):
+                held[first + position] = item
+                while cursor < len(order) and order[cursor] in held:
+                    yield order[cursor], held.pop(order[cursor])
+                    cursor += 1
+        if cursor != len(order):
+            raise RuntimeError(f"loader: slot plan left {len(order) - cursor} samples unread (bug)")
+
+    def _read_shard(self, shard_index: int,
+                    positions: list[int]) -> Iterator[tuple[int, RawSample | ShardDamage]]:
+        entry = self.task.shards[shard_index]
+        try:
+            with self.task.source.open_shard(entry, self.task.verify_sha256) as tar:
+                yield from read_positions(tar, self.task.source.shard_location(entry.name),
+                                          set(positions), entry.count)
+        except ShardError as exc:
+            if not self.task.skip_bad:
+                raise
+            damage = ShardDamage(self.task.source.shard_location(entry.name), str(exc))
+            for position in positions:
+                yield position, damage
+
+    def _prepare(self, sample_id: int, item: RawSample | ShardDamage) -> tuple[Any, Any]:
+        """(image, label), or (None, None) for a sample skipped under the `skip` policy."""
+        try:
+            if isinstance(item, ShardDamage):
+                raise ShardError(f"shard {item.shard}: {item.reason}")
+            return self._decode(item)
+        except (ShardError, SampleError) as exc:
+            if not self.task.skip_bad:
+                raise
+            if isinstance(exc, ShardError) and item.shard not in self.damaged_shards:
+                self.damaged_shards.add(item.shard)
+                self.stats["skipped_shards"] += 1
+            if isinstance(exc, SampleError):
+                self.stats["bad_samples"] += 1
+            self.stats["skipped_samples"] += 1
+            return None, None
+
+    def _decode(self, sample: RawSample) -> tuple[torch.Tensor, int]:
+        task = self.task
+        where = f"shard {sample.shard}: sample {sample.key!r}"
+        missing = [f for f in ("jpg", "cls") if f not in sample.fields]
+        if missing:
+            raise SampleError(f"{where}: missing field(s) {missing}")
+        try:
+            label = decode_cls(sample.fields["cls"])
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SampleError(f"{where}: bad cls field {sample.fields['cls'][:20]!r}") from exc
+        if not 0 <= label < task.num_classes:
+            raise SampleError(f"{where}: label {label} outside 0..{task.num_classes - 1}")
+        try:
+            source = probe(sample.fields["jpg"])
+            view = make_view(task.transform, task.geometry.layout.train, task.seed, task.epoch, sample.key,
+                             source.width, source.height)
+            return render(source, view), label
+        except DecodeError as exc:
+            raise SampleError(f"{where}: {exc}") from exc
