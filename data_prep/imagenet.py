@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--shard-bytes", type=parse_size, default=None, help="source bytes per shard, e.g. 100MB")
     parser.add_argument("--max-side", type=int, default=None, help="re-encode images larger than this (px)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    parser.add_argument("--check", choices=JPEG_CHECKS, default="decode",
-                        help="JPEG verification: 1/8-scale decode, or header + scan structure (faster)")
+    parser.add_argument("--check", choices=JPEG_CHECKS, default="structure",
+                        help="JPEG verification: header + scan structure (default), or a 1/8-scale decode")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
     parser.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead")

@@ -10,11 +10,13 @@ Policy (the loader, rtrain.data, relies on it):
   ``exif_orientation``). Shards therefore never carry a rotation tag and loaders never read EXIF.
 - With ``max_side`` set, a larger image is resized so its longer side is ``max_side`` and re-encoded at
   ``quality`` (``max_side_resize``), as FFCV does; smaller ones keep their original bytes.
-- Every JPEG is verified by a 1/8-scale decode: libjpeg still consumes every entropy-coded byte at that
-  scale, so a truncated file raises while the decode costs about half of a full one. libjpeg warnings that
-  PIL tolerates (extraneous bytes, ...) are re-checked with PIL, so we accept exactly what PIL accepts.
-  ``check="structure"`` instead parses the header with libjpeg and walks every scan to the end-of-image
-  marker (truncation still caught, several times cheaper; see ImageOptions).
+- Every JPEG is verified (default ``check="structure"``): libjpeg parses the header and every scan is
+  walked to the end-of-image marker, so truncated, zero-byte, malformed and non-JPEG files are caught at a
+  fraction of a decode's cost (benchmarks/RESULTS.md). ``check="decode"`` decodes every JPEG at 1/8 scale
+  instead: libjpeg still consumes every entropy-coded byte, so it also catches the rare fatal error hidden
+  inside scan data, at about half a full decode. libjpeg warnings that PIL tolerates (extraneous bytes, ...)
+  are re-checked with PIL, so we accept exactly what PIL accepts. `python -m data_prep.verify` always
+  decodes every sample.
 - Zero-byte, truncated, corrupt and non-image files are quarantined with a reason of the form
   ``"<category> (<detail>)"``; the category is what summaries group by.
 """
@@ -42,14 +44,14 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 class ImageOptions:
     """How images are checked and written: ``max_side`` None keeps the original size (pass-through).
 
-    ``check``: "decode" (default) decodes every JPEG at 1/8 scale; "structure" parses the header with
-    libjpeg and walks every scan to the end-of-image marker -- it catches truncated and malformed files
-    at a fraction of the cost, but not the rare fatal errors hidden inside scan data.
+    ``check``: "structure" (default) parses the header with libjpeg and walks every scan to the
+    end-of-image marker -- it catches truncated and malformed files at a fraction of a decode's cost, but
+    not the rare fatal errors hidden inside scan data; "decode" decodes every JPEG at 1/8 scale.
     """
 
     max_side: int | None = None
     quality: int = 90
-    check: str = "decode"
+    check: str = "structure"
 
     def __post_init__(self) -> None:
         if self.check not in JPEG_CHECKS:

@@ -130,8 +130,17 @@ def load_worker_or_fail(reference: str) -> WorkerFn:
 
 
 def python_path() -> str:
-    """The launcher's import path, so workers import rtrain (and test modules) the way it does."""
-    entries = [os.path.abspath(p or os.curdir) for p in sys.path]
+    """The launcher's own import path, so workers import rtrain (and a --worker module) the way it does.
+
+    The interpreter's stdlib and site-packages are left out: each worker's Python brings its own.
+    """
+    installs = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    entries = []
+    for entry in sys.path:
+        path = Path(entry or os.curdir).resolve()
+        # Path-hook markers of editable installs are not folders; the workers' site-packages has them too.
+        if path.exists() and not any(path.is_relative_to(root) for root in installs):
+            entries.append(str(path))
     return os.pathsep.join(dict.fromkeys(entries))
 
 
@@ -252,18 +261,22 @@ def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict
 # ---------------------------------------------------------------- Ray launcher
 
 def _connect_ray(recipe: Recipe) -> bool:
-    """Connect to (or start) Ray; True when this call did the ray.init and so owns the shutdown."""
+    """Connect to (or start) Ray; True when this call did the ray.init and so owns the shutdown.
+
+    Workers get the driver's import path, so they import rtrain (and a --worker module) from the same
+    place; on a cluster that means the code sits on a filesystem every node mounts at the same path.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path()}}
     address = recipe.dist.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
         return True
     needed = recipe.dist.num_workers * recipe.dist.cpus_per_worker
-    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, needed),
-             runtime_env={"env_vars": {"PYTHONPATH": python_path()}})
+    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
     return True
 
 

@@ -81,7 +81,8 @@ class DaliLoader:
         total = self.manifest.num_samples
         per_rank = -(-total // world_size)
         self.batches = total // (world_size * batch_size) if train else -(-per_rank // batch_size)
-        self.epoch, self.batches_done, self.stats = 0, 0, {"skipped_samples": 0, "skipped_shards": 0}
+        self.epoch, self.batches_done = 0, 0
+        self.stats = {"skipped_samples": 0, "bad_samples": 0, "skipped_shards": 0}
         self._checkpoints: list[str] | None = None
         self._iterator = None
 

@@ -79,13 +79,28 @@ def decode_denominator(view: View) -> int:
     return 1
 
 
-def decode_scaled(source: SourceImage, denominator: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) pixels at about 1/denominator of the source size."""
+class PixelBuffer:
+    """Decode output memory reused from sample to sample: a fresh half-megabyte array per image costs page
+    faults (the kernel maps and zeroes it) that measured as much as the resize. Owned by one worker."""
+
+    def __init__(self) -> None:
+        self._memory = np.empty(0, dtype=np.uint8)
+
+    def at_least(self, nbytes: int) -> np.ndarray:
+        if self._memory.size < nbytes:
+            self._memory = np.empty(max(nbytes, 2 * self._memory.size), dtype=np.uint8)
+        return self._memory
+
+
+def decode_scaled(source: SourceImage, denominator: int, buffer: PixelBuffer | None = None) -> np.ndarray:
+    """RGB uint8 (H, W, 3) pixels at about 1/denominator of the source size (a view of `buffer` if given)."""
     min_h, min_w = math.ceil(source.height / denominator), math.ceil(source.width / denominator)
     if source.jpeg_fast:
+        out = buffer.at_least(3 * min_h * min_w) if buffer is not None else None
         try:
             return simplejpeg.decode_jpeg(source.data, colorspace="RGB", fastdct=FAST_DCT,
-                                          fastupsample=FAST_UPSAMPLE, min_height=min_h, min_width=min_w)
+                                          fastupsample=FAST_UPSAMPLE, min_height=min_h, min_width=min_w,
+                                          buffer=out)
         except ValueError:
             pass  # e.g. a damaged but partly readable file: let Pillow try
     try:
@@ -133,12 +148,14 @@ def apply_lighting(image: torch.Tensor, offset: tuple[float, float, float]) -> t
     return shifted.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def render(source: SourceImage, view: View) -> torch.Tensor:
-    """The view of the source as a (3, out_h, out_w) uint8 tensor."""
-    pixels = decode_scaled(source, decode_denominator(view))
+def render(source: SourceImage, view: View, buffer: PixelBuffer | None = None) -> torch.Tensor:
+    """The view of the source as a (3, out_h, out_w) uint8 tensor (never a view of `buffer`)."""
+    pixels = decode_scaled(source, decode_denominator(view), buffer)
     image = resize_to_chw(cut_box(pixels, _box_in_pixels(view, source, pixels)), view.out_size)
     if view.flip:
         image = image.flip(2)
     if view.lighting is not None:
         image = apply_lighting(image, view.lighting)
+    if buffer is not None and image.untyped_storage().data_ptr() == pixels.ctypes.data:
+        image = image.clone()  # an uncut, unresized view would alias the buffer the next decode reuses
     return image

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from rtrain.data.decode import DecodeError, probe, render
+from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import ShardEntry, decode_cls
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
 from rtrain.data.shardread import RawSample, ShardDamage, read_positions
@@ -132,6 +132,7 @@ class SlotReader:
         self.emission = task.pool[self.plan.emission[consumed:]]
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.damaged_shards: set[str] = set()
+        self.pixels = PixelBuffer()
 
     def take_stats(self) -> dict[str, int]:
         stats, self.stats = self.stats, dict.fromkeys(STAT_KEYS, 0)
@@ -218,6 +219,6 @@ class SlotReader:
             source = probe(sample.fields["jpg"])
             view = make_view(task.transform, task.geometry.layout.train, task.seed, task.epoch, sample.key,
                              source.width, source.height)
-            return render(source, view), label
+            return render(source, view, self.pixels), label
         except DecodeError as exc:
             raise SampleError(f"{where}: {exc}") from exc

@@ -111,7 +111,7 @@ class NullTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"version": TRACKER_STATE_VERSION, "run_id": None}
 
-    def __enter__(self) -> "NullTracker":
+    def __enter__(self) -> NullTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -144,7 +144,7 @@ class MlflowTracker:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any], uri: str, experiment: str, run_name: str,
-                        tags: Mapping[str, str] | None = None) -> "MlflowTracker":
+                        tags: Mapping[str, str] | None = None) -> MlflowTracker:
         """Resume the run a checkpoint recorded (a state without a run id starts a new run)."""
         return cls(uri, experiment, run_name, tags, run_id=run_id_from_state(state))
 
@@ -229,7 +229,7 @@ class MlflowTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"version": TRACKER_STATE_VERSION, "run_id": self._run_id}
 
-    def __enter__(self) -> "MlflowTracker":
+    def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -248,7 +248,7 @@ def run_id_from_state(state: Mapping[str, Any] | None) -> str | None:
     return state.get("run_id")
 
 
-def build_tracker(recipe: "Recipe", rank: int, resume_state: Mapping[str, Any] | None = None,
+def build_tracker(recipe: Recipe, rank: int, resume_state: Mapping[str, Any] | None = None,
                   log_recipe: bool = True) -> MlflowTracker | NullTracker:
     """Rank 0 with tracking enabled gets an MLflow run (resumed from `resume_state` when it names one),
     with the flattened recipe as params and the resolved YAML as `recipe.yaml`; everyone else a NullTracker."""

@@ -89,16 +89,18 @@ def train_step(backend: DeepSpeedBackend, args: argparse.Namespace, step: int) -
     """What rtrain.engine.step.TrainStep does, with this script's data."""
     images, labels = batch_for(step, args.rank, args.micro * args.accum)
     amp = args.precision != "fp32"
+    logits_dtype = None
     for i, (x, y) in enumerate(zip(images.chunk(args.accum), labels.chunk(args.accum))):
         with backend.micro_context(last=i == args.accum - 1):
             with torch.autocast("cpu", dtype=DTYPES[args.precision], enabled=amp):
                 logits = backend.forward(x)
+            logits_dtype = str(logits.dtype)
             loss = F.cross_entropy(logits.float(), y) / args.accum
             backend.backward(loss * float("inf") if step == args.inf_at else loss)
     scale = backend.loss_scale()
     outcome = backend.step()
     return {"step": step, "stepped": outcome.stepped, "found_inf": outcome.found_inf, "scale_before": scale,
-            "scale_after": backend.loss_scale()}
+            "scale_after": backend.loss_scale(), "logits_dtype": logits_dtype}
 
 
 def save_state(backend: DeepSpeedBackend, rank: int, folder: Path) -> None:

@@ -13,10 +13,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_loader_fixtures import photo_jpeg, photo_pixels
 
-from rtrain.data.decode import DecodeError, decode_denominator, probe, render
+from rtrain.data.decode import DecodeError, PixelBuffer, decode_denominator, probe, render
 from rtrain.data.transforms import View, rrc_box
 
 MIN_PSNR_DB = 30.0
@@ -126,3 +127,13 @@ def test_lighting_shifts_colors_and_saturates() -> None:
     data = _encode(Image.new("RGB", (16, 16), (250, 100, 3)), "PNG")
     out = hwc(render(probe(data), View((0, 0, 16, 16), (16, 16), lighting=(10.0, -2.4, -8.0))))
     assert (out == (255, 98, 0)).all()
+
+
+def test_reused_buffer_gives_the_same_pixels_and_never_aliases() -> None:
+    buffer = PixelBuffer()
+    first, second = photo_jpeg(1, 120, 90), photo_jpeg(2, 64, 48)
+    full = View((0, 0, 120, 90), (90, 120))
+    kept = render(probe(first), full, buffer)
+    again = render(probe(first), full)
+    render(probe(second), View((0, 0, 64, 48), (48, 64)), buffer)  # overwrites the buffer
+    assert torch.equal(kept, again)
