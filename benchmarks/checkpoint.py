@@ -1,14 +1,15 @@
 """Checkpoint throughput and how long save() blocks training, against a plain write of the same bytes.
 
-    python -m benchmarks.checkpoint [--model resnet152] [--repeats 3] [--dir /tmp]
+    python -m benchmarks.checkpoint [--model resnet152] [--device cpu|cuda] [--repeats 3] [--dir /tmp]
 
-State saved (on --device): the model's state_dict plus SGD momentum buffers (about 2 x params fp32) and this rank's
-RNG streams, i.e. what a training step hands CheckpointManager. Baseline, measured in the same run on
+State saved (on --device): the model's state_dict plus SGD momentum buffers (about 2 x params fp32)
+and this rank's RNG streams, i.e. what a training step hands CheckpointManager; one sync and one
+async manager each save once untimed first, as a training run's managers have. Baseline, measured in the same run on
 the same filesystem: open/write/fsync of one file holding the same number of bytes. Reported per
 variant is the median over --repeats (alternating variants so drifting load hits all alike):
   plain write   MB/s of open/write/fsync
   sync save     MB/s of CheckpointManager.save (serialise + sha256 + fsync + manifest + rename)
-  async save    time save() blocks the caller (CPU snapshot), and until wait() returns
+  async save    time save() blocks the caller (host snapshot), and until wait() returns
   latest()      MB/s of verify (sha256 of every file) + torch.load(weights_only=True)
 """
 
@@ -56,49 +57,49 @@ def plain_write_s(path: Path, payload: memoryview) -> float:
     return elapsed
 
 
-def save_s(root: Path, shared: dict, per_rank: dict, async_save: bool) -> tuple[float, float]:
+def timed_save(manager: CheckpointManager, step: int, shared: dict, per_rank: dict) -> tuple[float, float]:
     """(seconds save() blocked the caller, seconds until the checkpoint was complete)."""
-    manager = CheckpointManager(root, keep=1, async_save=async_save)
     started = time.perf_counter()
-    manager.save(1, shared, per_rank, meta={"benchmark": True})
+    manager.save(step, shared, per_rank, meta={"benchmark": True})
     blocked = time.perf_counter() - started
-    manager.close()
+    manager.wait()
     return blocked, time.perf_counter() - started
 
 
-def latest_s(root: Path) -> float:
+def latest_s(root: Path, step: int) -> float:
     started = time.perf_counter()
     loaded = CheckpointManager(root).latest()
     elapsed = time.perf_counter() - started
-    assert loaded is not None and loaded.step == 1
+    assert loaded is not None and loaded.step == step
     return elapsed
 
 
 def run(model_name: str, device: str, repeats: int, scratch: Path) -> None:
     shared, per_rank = training_state(model_name, device), {"rng": capture_rng_state()}
     params = sum(t.numel() for t in shared["model"].values())
-    probe = scratch / "probe"
-    save_s(probe, shared, per_rank, async_save=False)
-    total_bytes = checkpoint_bytes(probe / "step-000000001")
-    shutil.rmtree(probe)
+    # one manager per mode, as in training; a first save warms it (async keeps its host buffers)
+    sync_manager = CheckpointManager(scratch / "sync", keep=1)
+    async_manager = CheckpointManager(scratch / "async", keep=1, async_save=True)
+    timed_save(sync_manager, 0, shared, per_rank)
+    timed_save(async_manager, 0, shared, per_rank)
+    total_bytes = checkpoint_bytes(scratch / "sync" / "step-000000000")
     payload = memoryview(torch.randint(0, 256, (total_bytes,), dtype=torch.uint8).numpy())
     print(f"model {model_name} on {device}: {params / 1e6:.1f}M elements in model tensors, checkpoint "
           f"{total_bytes / 1e6:.0f} MB, {repeats} repeats in {scratch}")
 
     timings: dict[str, list[float]] = {key: [] for key in
                                        ("plain", "sync", "sync_block", "async_block", "async_total", "latest")}
-    for repeat in range(repeats):
+    for step in range(1, repeats + 1):
         timings["plain"].append(plain_write_s(scratch / "plain.bin", payload))
-        blocked, total = save_s(scratch / "sync", shared, per_rank, async_save=False)
+        blocked, total = timed_save(sync_manager, step, shared, per_rank)
         timings["sync_block"].append(blocked)
         timings["sync"].append(total)
-        timings["latest"].append(latest_s(scratch / "sync"))
-        shutil.rmtree(scratch / "sync")
-        blocked, total = save_s(scratch / "async", shared, per_rank, async_save=True)
+        timings["latest"].append(latest_s(scratch / "sync", step))
+        blocked, total = timed_save(async_manager, step, shared, per_rank)
         timings["async_block"].append(blocked)
         timings["async_total"].append(total)
-        shutil.rmtree(scratch / "async")
-        print(f"  repeat {repeat}: " + " ".join(f"{key}={values[-1]:.3f}s" for key, values in timings.items()))
+        print(f"  repeat {step}: " + " ".join(f"{key}={values[-1]:.3f}s" for key, values in timings.items()))
+    async_manager.close()
 
     median = {key: statistics.median(values) for key, values in timings.items()}
     megabytes = total_bytes / 1e6

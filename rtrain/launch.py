@@ -209,12 +209,18 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _first_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
-    for rank, proc in enumerate(procs):
-        code = proc.poll()
-        if code not in (None, 0):
-            return rank, code
-    return None
+def _failed_ranks(procs: list[subprocess.Popen]) -> list[tuple[int, int]]:
+    return [(rank, proc.poll()) for rank, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+
+
+def _root_cause(failed: list[tuple[int, int]], exchange: Path) -> tuple[int, int]:
+    """Of the ranks found failed at once, the one whose error was written first: the others usually
+    died of it (a collective losing its peer)."""
+    def written_at(item: tuple[int, int]) -> float:
+        error_file = exchange / f"rank-{item[0]}.error"
+        return error_file.stat().st_mtime if error_file.exists() else float("inf")
+
+    return min(failed, key=lambda item: (written_at(item), item[0]))
 
 
 def _failure_message(rank: int, code: int, exchange: Path) -> str:
@@ -232,13 +238,11 @@ def _start_ranks(reference: str, recipe_path: Path, exchange: Path, world_size: 
     ]
 
 
-def _wait_all_or_first_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
-    while any(p.poll() is None for p in procs):
-        failure = _first_failure(procs)
-        if failure:
-            return failure
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path) -> tuple[int, int] | None:
+    while any(p.poll() is None for p in procs) and not _failed_ranks(procs):
         time.sleep(POLL_INTERVAL_S)
-    return _first_failure(procs)
+    failed = _failed_ranks(procs)
+    return _root_cause(failed, exchange) if failed else None
 
 
 def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:
@@ -249,7 +253,7 @@ def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict
         procs: list[subprocess.Popen] = []
         try:
             procs = _start_ranks(reference, recipe_path, exchange, recipe.dist.num_workers)
-            failure = _wait_all_or_first_failure(procs)
+            failure = _wait_all_or_first_failure(procs, exchange)
             if failure:
                 raise LaunchError(_failure_message(*failure, exchange))
         finally:

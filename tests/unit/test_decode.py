@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 from test_loader_fixtures import photo_jpeg, photo_pixels
 
-from rtrain.data.decode import DecodeError, PixelBuffer, decode_denominator, probe, render
+from rtrain.data.decode import (
+    DecodeError,
+    PixelBuffer,
+    decode_denominator,
+    probe,
+    render,
+)
 from rtrain.data.transforms import View, rrc_box
 
 MIN_PSNR_DB = 30.0
