@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtrain import checkpoint_io
+from rtrain import checkpoint_io, checkpoint_snapshot
 from rtrain.checkpoint_io import (
     DONE_NAME,
     MANIFEST_NAME,
@@ -99,7 +99,7 @@ class CheckpointManager:
         self.finalize_timeout_s = float(finalize_timeout_s)
         self.last_save_blocking_s = 0.0  # how long the latest save() held up its caller
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rtrain-ckpt") if async_save else None
-        self._snapshot_buffers = checkpoint_io.SnapshotBuffers() if async_save else None
+        self._snapshot_buffers = checkpoint_snapshot.SnapshotBuffers() if async_save else None
         self._pending: Future | None = None
         self._pending_step: int | None = None
         self.root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ class CheckpointManager:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-                self._snapshot_buffers = checkpoint_io.SnapshotBuffers()  # release the host copies
+                self._snapshot_buffers = checkpoint_snapshot.SnapshotBuffers()  # release the host copies
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -227,7 +227,7 @@ class CheckpointManager:
             shared_states = self._snapshot_group("shared", shared, buffers)
             if meta is not None and type(meta) is not dict:
                 raise CheckpointError(f"meta must be a dict, got {type(meta).__qualname__}")
-            checkpoint_io.check_json_state(meta or {}, "meta")
+            checkpoint_snapshot.check_json_state(meta or {}, "meta")
             meta_state = json.loads(json.dumps(meta or {}))  # a private copy, written later
         per_rank_states = self._snapshot_group("per_rank", per_rank or {}, buffers)
         if buffers is not None:
@@ -235,13 +235,13 @@ class CheckpointManager:
         return _SaveJob(step, shared_states, per_rank_states, meta_state)
 
     @staticmethod
-    def _snapshot_group(group: str, states: Any, buffers: checkpoint_io.SnapshotBuffers | None) -> dict[str, Any]:
+    def _snapshot_group(group: str, states: Any, buffers: checkpoint_snapshot.SnapshotBuffers | None) -> dict[str, Any]:
         if not isinstance(states, dict):
             raise CheckpointError(f"{group} must be a dict of name -> state, got {type(states).__qualname__}")
         snapshots = {}
         for name, state in states.items():
             checkpoint_io.check_state_name(name, group)
-            snapshots[name] = checkpoint_io.snapshot_state(state, f"{group}[{name!r}]", buffers)
+            snapshots[name] = checkpoint_snapshot.snapshot_state(state, f"{group}[{name!r}]", buffers)
         return snapshots
 
     # ------------------------------------------------------------------------------------------

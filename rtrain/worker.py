@@ -51,7 +51,14 @@ def model_from_recipe(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     if m.init_from:
         from rtrain.models.weights import import_torchvision
 
-        import_torchvision(model, torch.load(m.init_from, map_location="cpu", weights_only=True))
+        state = torch.load(m.init_from, map_location="cpu", weights_only=True)
+        head = state.get("fc.weight")
+        if head is not None and head.shape[0] != num_classes:
+            # Fine-tuning onto another label set: keep the backbone, the new head stays freshly initialised.
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            import_torchvision(model, state, strict=False)
+        else:
+            import_torchvision(model, state)
     return model
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import math
 from typing import Any, ContextManager, Iterator
 
@@ -288,4 +289,28 @@ class DeepSpeedBackend:
                              f"{per_rank.get('rank') if per_rank else None!r}")
 
     def close(self) -> None:
-        self.engine.destroy()
+        """Tear down in an order that cannot strand a peer; the caller still owns (and destroys) WORLD.
+
+        1. A barrier: no rank closes sockets while a peer is still inside the last step's collectives
+           (gloo raises on a vanished peer in its I/O thread, which aborts the process).
+        2. ``engine.destroy()`` now, and our reference dropped, so DeepSpeedEngine.__del__ does not run during
+           interpreter teardown with half the modules gone.
+        3. DeepSpeed's clone of the world group (a process group held in a deepspeed module global) is
+           destroyed through ``deepspeed.comm`` -- which also drops that global -- instead of living on
+           until interpreter exit.
+        """
+        engine = self.engine
+        if engine is None:
+            return
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.barrier()
+        ds_group = getattr(engine, "data_parallel_group", None)
+        engine.destroy()
+        self.engine = None
+        if distributed and ds_group is not None and ds_group is not dist.GroupMember.WORLD:
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group(ds_group)
+        del engine
+        gc.collect()
