@@ -297,3 +297,16 @@ def read_done_marker(marker: Path, save_id: str) -> tuple[dict[str, FileDigest],
         return None
     listed = {name: FileDigest(entry["sha256"], entry["size"]) for name, entry in done["files"].items()}
     return listed, FileDigest(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict file from elsewhere (e.g. torchvision's .pth), read with weights_only=True on the CPU."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state

@@ -323,7 +323,7 @@ def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> di
 
 # ---------------------------------------------------------------- entry points
 
-def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int = 0) -> dict:
+def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int | None = None) -> dict:
     """Validate and run `recipe` with its dist.launcher; returns rank 0's summary or raises LaunchError."""
     recipe = prepare_recipe(recipe)
     recipe_path = write_resolved_recipe(recipe)
@@ -334,7 +334,7 @@ def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int 
           f"resolved recipe {recipe_path}", file=sys.stderr, flush=True)
     if d.launcher == "local":
         return launch_local(recipe, worker_fn, recipe_path)
-    return launch_ray(recipe, worker_fn, max_failures)
+    return launch_ray(recipe, worker_fn, recipe.dist.max_failures if max_failures is None else max_failures)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -344,8 +344,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2 dist.num_workers=4")
     parser.add_argument("--worker", metavar="MODULE:FUNCTION",
                         help="per-worker function to run instead of rtrain.worker:run_worker")
-    parser.add_argument("--max-failures", type=int, default=0,
-                        help="ray launcher: restart the worker group this many times after a failure")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="ray launcher: restart the worker group this many times after a failure "
+                             "(default: the recipe's dist.max_failures)")
     return parser.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from rtrain.checkpoint import CheckpointManager, Loaded
+from rtrain.checkpoint_io import load_weights_file
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader
 from rtrain.dist.backend import Backend, DDPBackend
@@ -51,7 +52,7 @@ def model_from_recipe(recipe: Recipe, num_classes: int) -> torch.nn.Module:
     if m.init_from:
         from rtrain.models.weights import import_torchvision
 
-        state = torch.load(m.init_from, map_location="cpu", weights_only=True)
+        state = load_weights_file(m.init_from)
         head = state.get("fc.weight")
         if head is not None and head.shape[0] != num_classes:
             # Fine-tuning onto another label set: keep the backbone, the new head stays freshly initialised.

@@ -134,6 +134,9 @@ class DistConfig(Section):
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size.")
     static_graph: bool = Field(False, description="DDP static_graph.")
     ray_address: str | None = Field(None, description="Ray cluster address; None = local Ray or RAY_ADDRESS.")
+    max_failures: int = Field(
+        0, ge=-1, description="Ray: restart the worker group this many times after a failure, resuming from the "
+        "newest verified checkpoint (-1 = without limit).")
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray = Ray Train workers; local = plain torch.distributed processes on this host.")
 

@@ -108,6 +108,7 @@ def _group_worker(rank: int, world: int, port: int, group_size: int) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~11 s: two spawned interpreters importing torch, four layer shapes
 def test_two_ranks_match_one_rank_with_double_batch(port):
     mp.spawn(_world_worker, args=(2, port), nprocs=2, join=True)
 

@@ -1,0 +1,51 @@
+"""Recipe fields reach the components they configure (the worker's wiring)."""
+
+import pytest
+import torch
+
+from rtrain.config import Recipe
+from rtrain.models.weights import export_torchvision
+from rtrain.worker import model_from_recipe, optimizer_from_recipe, schedule_from_recipe
+
+
+def _recipe(*overrides: str) -> Recipe:
+    return Recipe().with_overrides(list(overrides))
+
+
+def test_schedule_epochs_become_steps():
+    r = _recipe("schedule.warmup_epochs=0.5", "schedule.milestones_epochs=[1, 2]", "train.epochs=3")
+    s = schedule_from_recipe(r, steps_per_epoch=10, total_steps=30)
+    assert (s.warmup_steps, s.milestones, s.total_steps) == (5, (10, 20), 30)
+    assert s.lr_at(5) == pytest.approx(0.1) and s.lr_at(10) == pytest.approx(0.01)
+    r = _recipe("schedule.warmup_steps=7", "schedule.milestones_steps=[12]")
+    assert schedule_from_recipe(r, 10, 30).milestones == (12,)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "lamb", "adamw"])
+def test_optimizer_from_recipe_excludes_bn_and_bias(name):
+    r = _recipe(f"optim.name={name}", "model.name=cifar_resnet20", "train.global_batch=512")
+    model = model_from_recipe(r, num_classes=10)
+    opt = optimizer_from_recipe(r, model)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # 0.1 per 256 x 512
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays[0] == 0.0 and decays[-1] == pytest.approx(1e-4)
+
+
+def test_model_from_recipe_options_and_same_init():
+    r = _recipe("model.name=resnet18", "model.zero_init_residual=true", "model.stride_in=1x1")
+    a, b = model_from_recipe(r, 7), model_from_recipe(r, 7)
+    assert a.fc.out_features == 7
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert float(a.layer1[0].bn2.weight.abs().sum()) == 0.0
+
+
+def test_init_from_torchvision_weights_with_a_new_head(tmp_path):
+    source = model_from_recipe(_recipe("model.name=resnet18"), 1000)
+    path = tmp_path / "tv.pt"
+    torch.save(export_torchvision(source), path)
+    r = _recipe("model.name=resnet18", f"model.init_from={path}", "run.seed=5")
+    tuned = model_from_recipe(r, 10)
+    assert torch.equal(tuned.conv1.weight, source.conv1.weight)
+    assert tuned.fc.out_features == 10
+    same = model_from_recipe(r.with_overrides(["run.seed=0"]), 1000)
+    assert torch.equal(same.fc.weight, source.fc.weight)
