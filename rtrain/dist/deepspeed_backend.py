@@ -14,7 +14,8 @@ Precision, and why it is set up this way:
 - fp16: DeepSpeed's own ``fp16`` section (``auto_cast`` casts the inputs), so DeepSpeed owns the fp32
   master weights and the loss scaler (dynamic: ``initial_scale_power``/``loss_scale_window``, backing off on
   every overflow like GradScaler; or a static ``loss_scale``), and reports overflow-skipped steps. The
-  module itself runs in fp16 (BatchNorm and its running stats included, ``data_types.buffer_dtype``), which is DeepSpeed's fp16 math, not torch AMP's. The
+  module itself runs in fp16 (BatchNorm and its running stats included, ``data_types.buffer_dtype``),
+  which is DeepSpeed's fp16 math, not torch AMP's. The
   ``torch_autocast`` fp16 route was rejected: its GradScaler cannot be configured, and under ZeRO the
   gradient clipping is computed on the still-scaled gradients. DeepSpeed refuses fp16 where its
   accelerator has no fp16 kernels (e.g. CPUs without AVX512-FP16); that is reported at construction.
@@ -156,7 +157,7 @@ class DeepSpeedBackend:
         try:
             import deepspeed
         except ImportError as exc:
-            raise ImportError("distributed.engine=deepspeed needs DeepSpeed: pip install 'rtrain[deepspeed]'") \
+            raise ImportError("dist.engine=deepspeed needs DeepSpeed: pip install 'rtrain[deepspeed]'") \
                 from exc
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0

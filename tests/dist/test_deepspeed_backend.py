@@ -192,7 +192,8 @@ def test_config_fp16_loss_scaling():
 
 
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("kwargs,name", [({"zero_stage": 2}, "zero_stage"), ({"precision_dtype": "fp8"}, "precision_dtype"),
+@pytest.mark.parametrize("kwargs,name", [({"zero_stage": 2}, "zero_stage"),
+                                         ({"precision_dtype": "fp8"}, "precision_dtype"),
                                          ({"accumulation_steps": 0}, "accumulation_steps")])
 def test_config_rejects_bad_values_by_name(kwargs, name):
     with pytest.raises(ValueError, match=name):
