@@ -193,3 +193,19 @@ def test_ten_crops_shapes_and_mirrors():
     assert len(crops) == 10 and all(c.shape == (2, 3, 4, 4) for c in crops)
     assert torch.equal(crops[5], crops[0].flip(-1))
     assert torch.equal(crops[4], x[..., 1:5, 1:5])
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_and_saves_plain_keys():
+    x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 3, (8,))
+    losses = []
+    for compiled in (False, True):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        backend = DDPBackend(model, opt, build_scaler(PrecisionConfig(), CPU), device=CPU,
+                             compile_model=compiled)
+        step = TrainStep(backend, Normalizer((0.5,) * 3, (0.25,) * 3, CPU), PrecisionConfig())
+        losses.append([float(step(x, y).loss) for _ in range(3)])
+        assert all(not k.startswith("_orig_mod") for k in backend.shared_state()["model"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
