@@ -49,3 +49,15 @@ def test_init_from_torchvision_weights_with_a_new_head(tmp_path):
     assert tuned.fc.out_features == 10
     same = model_from_recipe(r.with_overrides(["run.seed=0"]), 1000)
     assert torch.equal(same.fc.weight, source.fc.weight)
+
+
+def test_shipped_recipes_name_registered_models():
+    from pathlib import Path
+
+    from rtrain.config import load_recipe
+    from rtrain.launch import check_model_name
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        check_model_name(load_recipe(path))
