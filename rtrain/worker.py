@@ -172,7 +172,8 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     finally:
         manager.close()
         backend.close()
-    summary.update(checkpoint=str(manager.list()[0]) if manager.list() else None,
+    saved = manager.list()
+    summary.update(checkpoint=str(saved[0]) if saved else None,
                    run_id=getattr(tracker, "run_id", None), world_size=world, total_steps=total_steps)
     tracker.finish("FINISHED")
     return summary if rank == 0 else {}
