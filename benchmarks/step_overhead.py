@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from rtrain.config import PrecisionConfig
 from rtrain.dist.backend import DDPBackend
-from rtrain.engine.precision import build_scaler
+from rtrain.dist.scaler import build_scaler
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.models import build
 from rtrain.optim.schedule import LRSchedule

@@ -14,7 +14,8 @@ from typing import Callable
 
 from data_prep.plan import PREP_FORMAT, ShardSize, SourceFile, plan_shards, shard_fingerprint
 from data_prep.quirks import ImageOptions
-from data_prep.shards import RECEIPTS_DIR, TEMP_MARKER, ShardJob, ShardResult
+from data_prep.shards import RECEIPTS_DIR, TEMP_MARKER, ShardJob, ShardResult, temp_name
+from rtrain._io import write_atomically
 from rtrain.data.format import MANIFEST_NAME, Manifest, QuarantinedFile, shard_name
 
 JobRunner = Callable[[list[ShardJob], bool, str], dict[str, tuple[ShardResult, bool]]]
@@ -85,12 +86,7 @@ def _remove_leftovers(split_dir: Path, split: str, planned: set[str]) -> None:
 
 
 def _write_manifest(split_dir: Path, manifest: Manifest) -> None:
-    temp = split_dir / f".{MANIFEST_NAME}{TEMP_MARKER}{os.getpid()}"
-    with open(temp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, split_dir / MANIFEST_NAME)
+    write_atomically(split_dir / MANIFEST_NAME, manifest.to_json(), temp_name(MANIFEST_NAME, str(os.getpid())))
 
 
 def build_split(

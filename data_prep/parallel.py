@@ -10,33 +10,21 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager
 
 from tqdm import tqdm
 
 from data_prep.shards import ShardJob, ShardResult, ensure_shard
+from rtrain.dist import ray_cluster
 
 
 class ShardWriteError(RuntimeError):
     """Some shards failed; the others are complete on disk and a rerun reuses them."""
 
 
-@contextmanager
-def ray_session(address: str | None, workers: int | None) -> Iterator[None]:
-    import ray
-
-    if ray.is_initialized():  # the caller owns the session (tests, notebooks)
-        yield
-        return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False)
-    else:
-        ray.init(address=address)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def ray_session(address: str | None, workers: int | None) -> ContextManager[None]:
+    """Ray for one data_prep run: a Ray the caller already started (tests, notebooks) is used and left up."""
+    return ray_cluster.ray_session(address, num_cpus=workers or os.cpu_count() or 1)
 
 
 def run_shard_jobs(jobs: list[ShardJob], progress: bool = True, desc: str = "") -> dict[str, tuple[ShardResult, bool]]:

@@ -9,9 +9,7 @@ its receipt matches the current plan and the tar on disk still has the recorded 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tarfile
 import uuid
 from collections import Counter
@@ -21,7 +19,8 @@ from typing import Iterator
 
 from data_prep.plan import SourceFile
 from data_prep.quirks import ImageOptions, sanitize_image
-from rtrain.data.format import QuarantinedFile, ShardEntry, encode_cls, sha256_file
+from rtrain._io import HashingWriter, atomic_file, sha256_file, write_atomically
+from rtrain.data.format import QuarantinedFile, ShardEntry, encode_cls
 
 RECEIPTS_DIR = ".receipts"
 TEMP_MARKER = ".tmp-"
@@ -60,18 +59,6 @@ class ShardResult:
             quarantined=[QuarantinedFile(**q) for q in raw["quarantined"]],
             grayscale=int(raw["grayscale"]),
         )
-
-
-class _HashingWriter:
-    """Write-only file wrapper that hashes what passes through: the shard is never re-read for its sha256."""
-
-    def __init__(self, target) -> None:
-        self.target, self.digest, self.written = target, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.written += len(data)
-        return self.target.write(data)
 
 
 def _member_header(name: str, size: int) -> bytes:
@@ -126,35 +113,26 @@ def _write_samples(tar: DeterministicTarWriter, job: ShardJob) -> tuple[int, Cou
     return written, converted, quarantined, grayscale
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
-    with open(temp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+def temp_name(final_name: str, unique: str | None = None) -> str:
+    """The name a file is written under before its rename: hidden and carrying TEMP_MARKER, so a later
+    run's cleanup (build._remove_leftovers) finds what a killed run left behind."""
+    return f".{final_name}{TEMP_MARKER}{unique if unique is not None else uuid.uuid4().hex}"
 
 
 def write_shard(job: ShardJob) -> ShardResult:
     split_dir = Path(job.split_dir)
     final = split_dir / job.name
-    temp = split_dir / f".{job.name}{TEMP_MARKER}{uuid.uuid4().hex}"
-    try:
-        with open(temp, "wb") as raw_file:
-            hashing = _HashingWriter(raw_file)
-            tar = DeterministicTarWriter(hashing)
-            written, converted, quarantined, grayscale = _write_samples(tar, job)
-            tar.close()
-            raw_file.flush()
-            os.fsync(raw_file.fileno())
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)
-    entry = ShardEntry(name=job.name, count=written, bytes=hashing.written, sha256=hashing.digest.hexdigest())
+    with atomic_file(final, temp_name(job.name)) as raw_file:
+        hashing = HashingWriter(raw_file)  # the shard is never re-read for its sha256
+        tar = DeterministicTarWriter(hashing)
+        written, converted, quarantined, grayscale = _write_samples(tar, job)
+        tar.close()
+    entry = ShardEntry(name=job.name, count=written, bytes=hashing.size, sha256=hashing.hexdigest())
     result = ShardResult(entry, len(job.files), dict(sorted(converted.items())), quarantined, grayscale)
     receipts = split_dir / RECEIPTS_DIR
     receipts.mkdir(exist_ok=True)
-    _atomic_write_text(receipts / f"{job.name}.json", result.to_receipt(job.fingerprint))
+    receipt_name = f"{job.name}.json"
+    write_atomically(receipts / receipt_name, result.to_receipt(job.fingerprint), temp_name(receipt_name))
     return result
 
 

@@ -270,18 +270,11 @@ def _connect_ray(recipe: Recipe) -> bool:
     Workers get the driver's import path, so they import rtrain (and a --worker module) from the same
     place; on a cluster that means the code sits on a filesystem every node mounts at the same path.
     """
-    import ray
+    from rtrain.dist.ray_cluster import connect_or_start_ray
 
-    if ray.is_initialized():
-        return False
-    runtime_env = {"env_vars": {"PYTHONPATH": python_path()}}
-    address = recipe.dist.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return True
     needed = recipe.dist.num_workers * recipe.dist.cpus_per_worker
-    ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env)
-    return True
+    return connect_or_start_ray(recipe.dist.ray_address, num_cpus=max(os.cpu_count() or 1, needed),
+                                runtime_env={"env_vars": {"PYTHONPATH": python_path()}})
 
 
 def _ray_failure_message(exc: Exception) -> str:

@@ -24,10 +24,12 @@ from rtrain.config.sections import (
     ScheduleConfig,
     TrackingConfig,
     TrainConfig,
+    dali_problems,
 )
 
 __all__ = [
     "RECIPE_VERSION", "Recipe", "RecipeError", "apply_overrides", "load_recipe", "loads_recipe",
     "recipe_from_dict", "CheckpointConfig", "DataConfig", "DistConfig", "EvalConfig", "ModelConfig",
     "OptimConfig", "PrecisionConfig", "RunConfig", "ScheduleConfig", "TrackingConfig", "TrainConfig",
+    "dali_problems",
 ]

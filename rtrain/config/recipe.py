@@ -22,6 +22,7 @@ from rtrain.config.sections import (
     Section,
     TrackingConfig,
     TrainConfig,
+    dali_problems,
 )
 
 RECIPE_VERSION = 1
@@ -68,9 +69,7 @@ class Recipe(Section):
 
     @property
     def peak_lr(self) -> float:
-        if self.optim.lr is not None:
-            return self.optim.lr
-        return self.optim.base_lr_per_256 * self.train.global_batch / 256
+        return self.optim.peak_lr(self.train.global_batch)
 
     @property
     def run_dir(self) -> Path:
@@ -100,8 +99,6 @@ def _check_batch(r: Recipe) -> None:
 
 def _check_optim(r: Recipe) -> None:
     o = r.optim
-    if (o.lr is None) == (o.base_lr_per_256 is None):
-        _fail("optim.lr", o.lr, "give exactly one of optim.lr and optim.base_lr_per_256 (set the other to null)")
     if o.name in ("lars", "lamb") and not o.exclude_bn_bias:
         _fail("optim.exclude_bn_bias", o.exclude_bn_bias,
               f"{o.name} needs BN and bias parameters excluded from adaptation and weight decay")
@@ -123,6 +120,8 @@ def _check_precision_and_devices(r: Recipe) -> None:
         _fail("dist.syncbn", d.syncbn, "needs CUDA (dist.use_gpu=true); use syncbn=rtrain on CPU")
     if r.data.backend == "dali" and not d.use_gpu:
         _fail("data.backend", r.data.backend, "DALI decodes on the GPU: needs dist.use_gpu=true")
+    if r.data.backend == "dali" and dali_problems(r.data):
+        _fail("data.backend", r.data.backend, "not with " + "; ".join(dali_problems(r.data)))
     if d.engine != "deepspeed" and d.zero_stage != 0:
         _fail("dist.zero_stage", d.zero_stage, "ZeRO stages need dist.engine=deepspeed")
     if r.data.scale_min > r.data.scale_max:
@@ -160,9 +159,19 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+# Keys that say the same thing two ways: an override of one drops the other, unless both are overridden.
+_ALTERNATIVES = (("optim", "lr", "base_lr_per_256"),)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of raw with `a.b.c=value` overrides applied (values typed like YAML)."""
     result = copy.deepcopy(raw)
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    for section, first, second in _ALTERNATIVES:
+        for given, other in ((first, second), (second, first)):
+            node = result.get(section)
+            if f"{section}.{given}" in keys and f"{section}.{other}" not in keys and isinstance(node, dict):
+                node.pop(other, None)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():

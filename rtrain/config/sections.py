@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_BASE_LR_PER_256 = 0.1
 
 
 class Section(BaseModel):
@@ -68,6 +72,24 @@ class DataConfig(Section):
         (0.229, 0.224, 0.225), description="Per-channel std (0..1 scale), divided on the device.")
 
 
+def dali_problems(data: DataConfig) -> list[str]:
+    """Options of data.* that the DALI pipeline cannot honour, each naming its dotted key."""
+    problems = []
+    if data.source.startswith(("http://", "https://")):
+        problems.append(f"data.source: DALI reads local files, not URLs ({data.source})")
+    if data.augment not in ("rrc", "none"):
+        problems.append(f"data.augment: {data.augment!r} is not available on DALI (use rrc or none)")
+    if data.pca_lighting:
+        problems.append("data.pca_lighting: PCA lighting is not available on DALI (set 0)")
+    if data.eval_transform != "resize_center":
+        problems.append(f"data.eval_transform: {data.eval_transform!r} is not available on DALI")
+    if data.on_bad_sample != "raise":
+        problems.append("data.on_bad_sample: DALI cannot skip bad samples; set raise")
+    if data.verify_sha256:
+        problems.append("data.verify_sha256: not available on DALI; verify shards with data_prep instead")
+    return problems
+
+
 class TrainConfig(Section):
     global_batch: int = Field(256, gt=0, description="Samples per optimizer step over all workers.")
     accumulation_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -84,9 +106,10 @@ class TrainConfig(Section):
 
 class OptimConfig(Section):
     name: Literal["sgd", "lars", "lamb", "adamw"] = Field("sgd", description="Optimizer.")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; if set, base_lr_per_256 must be unset.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate. Give this or base_lr_per_256, not both.")
     base_lr_per_256: float | None = Field(
-        0.1, gt=0, description="Linear scaling rule: peak lr = this x global_batch / 256 (used when lr is unset).")
+        None, gt=0, description="Linear scaling rule: peak lr = this x global_batch / 256. Give this or lr, not "
+        f"both; with neither, {DEFAULT_BASE_LR_PER_256}.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (SGD, LARS).")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay.")
@@ -97,6 +120,27 @@ class OptimConfig(Section):
     impl: Literal["torch", "apex", "deepspeed"] = Field(
         "torch", description="Kernel provider; apex/deepspeed must be installed (checked at start).")
     fused: bool | None = Field(None, description="torch fused kernels (SGD/AdamW); None = foreach.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_learning_rate(cls, data: Any) -> Any:
+        """The peak lr is given one way: optim.lr, or optim.base_lr_per_256 (the default when neither is)."""
+        if not isinstance(data, dict):
+            return data
+        lr, base = data.get("lr"), data.get("base_lr_per_256")
+        if lr is not None and base is not None:
+            raise ValueError(f"optim.lr={lr!r} and optim.base_lr_per_256={base!r}: give one of them, not both")
+        if lr is None and base is None:
+            if "base_lr_per_256" in data:  # set to null on purpose, and no lr either
+                raise ValueError("optim.lr: no learning rate; give optim.lr or optim.base_lr_per_256")
+            data = {**data, "base_lr_per_256": DEFAULT_BASE_LR_PER_256}
+        return data
+
+    def peak_lr(self, global_batch: int) -> float:
+        """optim.lr, or the linear scaling rule applied to base_lr_per_256."""
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr_per_256 * global_batch / 256
 
 
 class ScheduleConfig(Section):

@@ -18,28 +18,15 @@ from typing import Any
 
 import torch
 
+from rtrain.config import dali_problems
 from rtrain.data.format import MANIFEST_NAME, Manifest
-from rtrain.data.sources import is_url
 
 DALI_STATE_VERSION = 1
 
 
 def check_dali_recipe(cfg: Any) -> list[str]:
-    """Problems that make the recipe impossible on DALI, each naming its dotted key."""
-    problems = []
-    if is_url(cfg.source):
-        problems.append(f"data.source: DALI reads local files, not URLs ({cfg.source})")
-    if cfg.augment not in ("rrc", "none"):
-        problems.append(f"data.augment: {cfg.augment!r} is not available on DALI (use rrc or none)")
-    if cfg.pca_lighting:
-        problems.append("data.pca_lighting: PCA lighting is not available on DALI (set 0)")
-    if cfg.eval_transform != "resize_center":
-        problems.append(f"data.eval_transform: {cfg.eval_transform!r} is not available on DALI")
-    if cfg.on_bad_sample != "raise":
-        problems.append("data.on_bad_sample: DALI cannot skip bad samples; set raise")
-    if cfg.verify_sha256:
-        problems.append("data.verify_sha256: not available on DALI; verify shards with data_prep instead")
-    return problems
+    """Problems that make the recipe impossible on DALI (the recipe schema refuses them too)."""
+    return dali_problems(cfg)
 
 
 def require_dali(cfg: Any) -> Any:

@@ -7,11 +7,12 @@ is the single source of truth for epoch length and shard balancing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rtrain._io import sha256_file  # noqa: F401  (re-exported: data_prep, benchmarks and tests import it from here)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -91,14 +92,6 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: cannot parse manifest ({exc})") from exc
         return cls.from_dict(raw, where=where)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode_cls(index: int) -> bytes:

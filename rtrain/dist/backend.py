@@ -17,6 +17,8 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
+DDP_STATE_VERSION = 1
+
 
 @dataclass(frozen=True)
 class StepOutcome:
@@ -33,9 +35,8 @@ class Backend(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> StepOutcome: ...
     def loss_scale(self) -> float: ...
-    def shared_state(self) -> dict[str, Any]: ...
-    def per_rank_state(self) -> dict[str, Any]: ...
-    def load_state(self, shared: dict[str, Any], per_rank: dict[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...  # {"version", "shared": {name: state}, "per_rank": {...}}
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -55,6 +56,14 @@ def any_nonfinite(grads: list[torch.Tensor]) -> bool:
     for group in by_dtype.values():
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
     return bool(found.item())
+
+
+def check_backend_version(state: Any, backend: str, supported: tuple[int, ...]) -> int:
+    version = state.get("version") if isinstance(state, dict) else None
+    if version not in supported:
+        raise ValueError(f"{backend}: checkpoint state version {version!r} is not one of {list(supported)} "
+                         f"(not a {backend} checkpoint?)")
+    return version
 
 
 class DDPBackend:
@@ -107,14 +116,16 @@ class DDPBackend:
     def loss_scale(self) -> float:
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
 
-    def shared_state(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and scaler are the same on every rank: all shared."""
+        return {"version": DDP_STATE_VERSION, "per_rank": {},
+                "shared": {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                           "scaler": self.scaler.state_dict()}}
 
-    def per_rank_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # version 0: a checkpoint of the first layout, whose entries are the same
+        check_backend_version(state, "DDPBackend", (0, DDP_STATE_VERSION))
+        shared = state["shared"]
         self.module.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         if shared.get("scaler"):

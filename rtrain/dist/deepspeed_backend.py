@@ -44,9 +44,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rtrain.dist.backend import StepOutcome, any_nonfinite
+from rtrain._safe_state import StateWalk, dotted_entry_path
+from rtrain.dist.backend import StepOutcome, any_nonfinite, check_backend_version
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the flat entries of the first checkpoint layout
 PRECISIONS = ("fp32", "bf16", "fp16")
 ZERO_STAGES = (0, 1)
 # DeepSpeed's ZeRO-1 state keys that we convert by hand or drop.
@@ -109,19 +110,22 @@ def _fp16_section(dynamic: bool, init_scale: float, growth_interval: int, static
 
 def weights_only_safe(value: Any, where: str) -> Any:
     """A copy of a state tree with only types torch.load(weights_only=True) accepts; enums become values."""
+    return _WEIGHTS_ONLY_SAFE(value, where)
+
+
+def _weights_only_safe_leaf(value: Any, where: str) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, enum.Enum):
         return weights_only_safe(value.value, where)
     if isinstance(value, (bool, int, float, str, type(None))):
         return value
-    if isinstance(value, dict):
-        return {k: weights_only_safe(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
     raise TypeError(f"DeepSpeedBackend: state entry {where} has type {type(value).__name__}, which cannot be "
                     "saved for torch.load(weights_only=True)")
+
+
+# Converting, not strict: DeepSpeed's dict/list subclasses become plain ones (sets are refused).
+_WEIGHTS_ONLY_SAFE = StateWalk(_weights_only_safe_leaf, exact_types=False, entry_path=dotted_entry_path)
 
 
 def loss_scaler_state(scaler: Any) -> dict[str, Any] | None:
@@ -136,6 +140,19 @@ def restore_loss_scaler(scaler: Any, saved: dict[str, Any] | None) -> None:
         return
     for name, value in saved.items():
         setattr(scaler, name, value)
+
+
+def _from_first_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before the Stateful contract: the backend's entries sat flat beside the others."""
+    shared, per_rank = state["shared"], state["per_rank"]
+    if shared.get("version") != 1:
+        raise ValueError(f"DeepSpeedBackend: checkpoint state version {shared.get('version')!r} is not 1 "
+                         "(not a DeepSpeed backend checkpoint?)")
+    info = {key: shared[key] for key in ("world_size", "zero_stage", "precision_dtype", "engine")}
+    mine = {key: per_rank[key] for key in ("rank", "world_size", "zero_optimizer", "loss_scaler")
+            if key in per_rank}
+    return {"version": STATE_VERSION, "per_rank": {"zero": mine} if mine else {},
+            "shared": {"model": shared["model"], "optimizer": shared["optimizer"], "deepspeed": info}}
 
 
 def _check_fp16_supported(precision_dtype: str, device: torch.device) -> None:
@@ -229,65 +246,60 @@ class DeepSpeedBackend:
         return float(config.cur_scale if config is not None else optimizer.cur_scale)
 
     # ---- state ----
-    def shared_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """Model, stage-0 optimizer and engine counters shared; ZeRO partitions per rank."""
         engine = self.engine
         optimizer = None
         if self.zero_stage == 0:
             optimizer = weights_only_safe(engine.optimizer.state_dict(), "optimizer")
-        return {
-            "version": STATE_VERSION,
-            "world_size": self.world_size,
-            "zero_stage": self.zero_stage,
-            "precision_dtype": self.precision_dtype,
-            "model": self.module.state_dict(),
-            "engine": {name: int(getattr(engine, name)) for name in ENGINE_COUNTERS},
-            "optimizer": optimizer,
-        }
-
-    def per_rank_state(self) -> dict[str, Any]:
+        info = {"world_size": self.world_size, "zero_stage": self.zero_stage,
+                "precision_dtype": self.precision_dtype,
+                "engine": {name: int(getattr(engine, name)) for name in ENGINE_COUNTERS}}
+        shared = {"model": self.module.state_dict(), "optimizer": optimizer, "deepspeed": info}
         if self.zero_stage == 0:
-            return {}
-        zero = dict(self.engine.optimizer.state_dict())
+            return {"version": STATE_VERSION, "shared": shared, "per_rank": {}}
+        zero = dict(engine.optimizer.state_dict())
         scaler = loss_scaler_state(zero.pop(LOSS_SCALER_KEY, None))
         zero.pop(SLICE_MAPPINGS_KEY, None)
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+        mine = {"rank": self.rank, "world_size": self.world_size,
                 "zero_optimizer": weights_only_safe(zero, "zero_optimizer"), "loss_scaler": scaler}
+        return {"version": STATE_VERSION, "shared": shared, "per_rank": {"zero": mine}}
 
-    def load_state(self, shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
-        self._check_compatible(shared, per_rank)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if check_backend_version(state, "DeepSpeedBackend", (0, STATE_VERSION)) == 0:
+            state = _from_first_layout(state)
+        shared, per_rank = state["shared"], state["per_rank"]
+        self._check_compatible(shared["deepspeed"], per_rank.get("zero"))
         self.module.load_state_dict(shared["model"])
         if self.zero_stage == 0:
             self.engine.optimizer.load_state_dict(shared["optimizer"])
         else:
-            self._load_zero(per_rank)
-        for name, value in shared["engine"].items():
+            self._load_zero(per_rank["zero"])
+        for name, value in shared["deepspeed"]["engine"].items():
             setattr(self.engine, name, value)
 
-    def _load_zero(self, per_rank: dict[str, Any]) -> None:
+    def _load_zero(self, mine: dict[str, Any]) -> None:
         zero_optimizer = self.engine.optimizer
         # DeepSpeed indexes the list by data-parallel rank; with elastic_checkpoint off it reads only ours.
         state_list: list[Any] = [None] * self.world_size
-        state_list[dist.get_rank(group=zero_optimizer.dp_process_group)] = per_rank["zero_optimizer"]
+        state_list[dist.get_rank(group=zero_optimizer.dp_process_group)] = mine["zero_optimizer"]
         zero_optimizer.load_state_dict(state_list, load_optimizer_states=True, load_from_fp32_weights=True)
-        restore_loss_scaler(zero_optimizer.loss_scaler, per_rank["loss_scaler"])
+        restore_loss_scaler(zero_optimizer.loss_scaler, mine["loss_scaler"])
 
-    def _check_compatible(self, shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
-        if shared.get("version") != STATE_VERSION:
-            raise ValueError(f"DeepSpeedBackend: checkpoint state version {shared.get('version')!r} is not "
-                             f"{STATE_VERSION} (not a DeepSpeed backend checkpoint?)")
+    def _check_compatible(self, info: dict[str, Any], mine: dict[str, Any] | None) -> None:
         for key, current in (("zero_stage", self.zero_stage), ("precision_dtype", self.precision_dtype)):
-            if shared[key] != current:
-                raise ValueError(f"DeepSpeedBackend: checkpoint was saved with {key}={shared[key]!r}, "
+            if info[key] != current:
+                raise ValueError(f"DeepSpeedBackend: checkpoint was saved with {key}={info[key]!r}, "
                                  f"this run has {key}={current!r}")
         if self.zero_stage == 0:
             return
-        if shared["world_size"] != self.world_size:
+        if info["world_size"] != self.world_size:
             raise ValueError(f"DeepSpeedBackend: the ZeRO-{self.zero_stage} checkpoint was saved with world size "
-                             f"{shared['world_size']} but this run has world size {self.world_size}; ZeRO "
+                             f"{info['world_size']} but this run has world size {self.world_size}; ZeRO "
                              "optimizer partitions resume only on the same number of ranks")
-        if not per_rank or per_rank.get("rank") != self.rank:
+        if not mine or mine.get("rank") != self.rank:
             raise ValueError(f"DeepSpeedBackend: rank {self.rank} got the per-rank ZeRO state of rank "
-                             f"{per_rank.get('rank') if per_rank else None!r}")
+                             f"{mine.get('rank') if mine else None!r}")
 
     def close(self) -> None:
         """Tear down in an order that cannot strand a peer; the caller still owns (and destroys) WORLD.

@@ -14,12 +14,13 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from rtrain.config import Recipe
+from rtrain.config import CheckpointConfig, EvalConfig, PrecisionConfig, TrainConfig
 from rtrain.dist.backend import Backend
+from rtrain.engine import stateful
 from rtrain.engine.ema import ModelEMA
-from rtrain.engine.rng import capture_rng_state, restore_rng_state
+from rtrain.engine.rng import RngStreams
 from rtrain.engine.state import TrainState
-from rtrain.engine.step import Normalizer, TrainStep
+from rtrain.engine.step import TrainStep
 
 log = logging.getLogger("rtrain.engine")
 
@@ -44,10 +45,12 @@ class Schedule(Protocol):
 
 @dataclass
 class FitParts:
-    recipe: Recipe
+    train: TrainConfig  # batch, log cadence, non-finite limit
+    precision: PrecisionConfig  # whether overflow skips are by design (loss scaling)
+    evaluation: EvalConfig  # eval cadence
+    checkpoint: CheckpointConfig  # save cadence
     backend: Backend
     train_step: TrainStep
-    normalizer: Normalizer
     train_loader: Any  # rtrain.data ShardLoader: set_epoch, __iter__, __len__, state_dict, stats
     evaluate: Callable[[torch.nn.Module], dict[str, float]]  # runs the eval split on a model
     schedule: Schedule
@@ -58,17 +61,23 @@ class FitParts:
     ema: ModelEMA | None = None
     state: TrainState = field(default_factory=TrainState)
     rank: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint (e.g. the resolved recipe)
+
+
+def stateful_parts(parts: FitParts) -> list[stateful.Part]:
+    """Everything a checkpoint holds, by name: what is saved is exactly what is restored."""
+    named = [stateful.Part("backend", parts.backend, "split"),
+             stateful.Part("train_state", parts.state, "shared"),
+             stateful.Part("rng", RngStreams(), "per_rank"),
+             stateful.Part("loader", parts.train_loader, "per_rank")]
+    if parts.ema is not None:
+        named.append(stateful.Part("ema", parts.ema, "shared", optional=True))
+    return named
 
 
 def checkpoint_payload(parts: FitParts) -> tuple[dict, dict, dict]:
-    shared = dict(parts.backend.shared_state())
-    shared["train_state"] = parts.state.state_dict()
-    if parts.ema is not None:
-        shared["ema"] = parts.ema.state_dict()
-    per_rank = dict(parts.backend.per_rank_state())
-    per_rank["rng"] = capture_rng_state()
-    per_rank["loader"] = parts.train_loader.state_dict()
-    meta = {"recipe_yaml": parts.recipe.to_yaml(), "step": parts.state.step, "epoch": parts.state.epoch,
+    shared, per_rank = stateful.collect(stateful_parts(parts))
+    meta = {**parts.meta, "step": parts.state.step, "epoch": parts.state.epoch,
             "samples_seen": parts.state.samples_seen}
     if parts.tracker is not None:
         meta["tracking"] = parts.tracker.state_dict()
@@ -76,12 +85,7 @@ def checkpoint_payload(parts: FitParts) -> tuple[dict, dict, dict]:
 
 
 def restore(parts: FitParts, shared: dict, per_rank: dict) -> None:
-    parts.backend.load_state(shared, per_rank)
-    parts.state.load_state_dict(shared["train_state"])
-    if parts.ema is not None and "ema" in shared:
-        parts.ema.load_state_dict(shared["ema"])
-    restore_rng_state(per_rank["rng"])
-    parts.train_loader.load_state_dict(per_rank["loader"])
+    stateful.restore(stateful_parts(parts), shared, per_rank)
 
 
 def _global_mean(value: torch.Tensor) -> float:
@@ -113,7 +117,7 @@ class _Fit:
             state.epoch += 1
             if self._eval_due(state.epoch):
                 self._evaluate()
-            if p.recipe.checkpoint.every_steps is None:
+            if p.checkpoint.every_steps is None:
                 self._save()
             p.train_loader.set_epoch(state.epoch)
         if not self.last_eval or self.last_eval.get("step") != state.step:
@@ -126,17 +130,17 @@ class _Fit:
     def _run_epoch(self) -> bool:
         """Train through the loader's epoch; True when the epoch was completed."""
         p, state = self.p, self.p.state
-        every = p.recipe.checkpoint.every_steps
+        every = p.checkpoint.every_steps
         tick = time.perf_counter()
         for images, labels in p.train_loader:
             lr = p.schedule.apply(p.backend.optimizer, state.step)
             result = p.train_step(images, labels)
             state.step += 1
-            state.samples_seen += p.recipe.train.global_batch
+            state.samples_seen += p.train.global_batch
             self._check_finite(result.found_inf)
             if p.ema is not None and result.stepped:
                 p.ema.update(p.backend.module)
-            if state.step % p.recipe.train.log_every_steps == 0 or state.step == p.total_steps:
+            if state.step % p.train.log_every_steps == 0 or state.step == p.total_steps:
                 now = time.perf_counter()
                 self._log_step(result.loss, lr, now - tick)
                 tick = time.perf_counter()
@@ -153,10 +157,10 @@ class _Fit:
             state.nonfinite_streak = 0
             return
         state.skipped_steps += 1
-        if self.p.recipe.precision.scaler != "none":
+        if self.p.precision.scaler != "none":
             return  # loss scaling: an overflow lowers the scale and the step is skipped, by design
         state.nonfinite_streak += 1
-        limit = self.p.recipe.train.max_nonfinite_steps
+        limit = self.p.train.max_nonfinite_steps
         if state.nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"{state.nonfinite_streak} consecutive non-finite losses/gradients up to step {state.step} "
@@ -165,9 +169,9 @@ class _Fit:
 
     def _log_step(self, loss: torch.Tensor, lr: float, seconds: float) -> None:
         p = self.p
-        steps = p.recipe.train.log_every_steps
+        steps = p.train.log_every_steps
         self.last_loss = _global_mean(loss)
-        self.images_per_s = steps * p.recipe.train.global_batch / max(seconds, 1e-9)
+        self.images_per_s = steps * p.train.global_batch / max(seconds, 1e-9)
         stats = getattr(p.train_loader, "stats", {}) or {}
         metrics = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_s": self.images_per_s,
                    "train/loss_scale": p.backend.loss_scale(), "train/epoch": p.state.epoch,
@@ -180,7 +184,7 @@ class _Fit:
                      p.state.epoch, self.last_loss, lr, self.images_per_s)
 
     def _eval_due(self, epochs_done: int) -> bool:
-        every = max(1, round(self.p.recipe.eval.every_epochs))
+        every = max(1, round(self.p.evaluation.every_epochs))
         return epochs_done % every == 0
 
     def _evaluate(self) -> None:
@@ -215,5 +219,6 @@ class _Fit:
 
 
 def fit(parts: FitParts) -> dict[str, Any]:
-    """Train until parts.total_steps; evaluate per recipe.eval and at the end; checkpoint per recipe."""
+    """Train until parts.total_steps; evaluate per parts.evaluation and at the end; checkpoint per
+    parts.checkpoint."""
     return _Fit(parts).run()

@@ -1,5 +1,6 @@
 """The ResNet zoo of He et al. (2015): builders, registry, torchvision weights, profiling."""
 
+from rtrain.models.factory import model_from_config
 from rtrain.models.profile import count_macs, count_params, model_rows
 from rtrain.models.registry import (
     ModelInfo,
@@ -26,6 +27,7 @@ __all__ = [
     "imagenet_resnet",
     "import_torchvision",
     "list_models",
+    "model_from_config",
     "model_info",
     "model_rows",
     "register",

@@ -6,11 +6,13 @@ torchvision's layout rules (`torchvision_keys`), independently of our module tre
 export/import is checked against them: missing or unexpected keys and shape mismatches raise with
 the key names. Nets with no torchvision equivalent (CIFAR, plain, option A or C shortcuts, v1 stride
 on the bottleneck's 1x1) are refused: their weights would load shape-for-shape into a torchvision
-net that computes something else.
+net that computes something else. `load_weights_file` reads such a file (e.g. torchvision's .pth)
+with `torch.load(weights_only=True)`, so a weights file from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -175,3 +177,20 @@ def import_torchvision(
             merged[key] = torch.zeros_like(own[key])
     bare.load_state_dict(merged, strict=False)
     return ImportReport(missing, unexpected)
+
+
+class WeightsFileError(ValueError):
+    """A weights file could not be read, or holds something other than a state dict of tensors."""
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict file from elsewhere (e.g. torchvision's .pth), read with weights_only=True on the CPU."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for unreadable or unsafe files
+        raise WeightsFileError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsFileError(f"{path}: not a state dict of tensors")
+    return state

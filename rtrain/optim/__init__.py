@@ -1,6 +1,6 @@
 """Optimizers (SGD, multi-tensor LARS and LAMB, AdamW), weight-decay parameter groups, lr schedules."""
 
-from rtrain.optim.factory import IMPLS, OPTIMIZERS, build_optimizer, param_groups
+from rtrain.optim.factory import IMPLS, OPTIMIZERS, build_optimizer, optimizer_from_config, param_groups
 from rtrain.optim.lamb import LAMB
 from rtrain.optim.lars import LARS
 from rtrain.optim.schedule import SCHEDULE_KINDS, LRSchedule, lr_at, scaled_lr
@@ -14,6 +14,7 @@ __all__ = [
     "LRSchedule",
     "build_optimizer",
     "lr_at",
+    "optimizer_from_config",
     "param_groups",
     "scaled_lr",
 ]

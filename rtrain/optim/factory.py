@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rtrain.config import OptimConfig
 from rtrain.optim.lamb import LAMB
 from rtrain.optim.lars import LARS
 
@@ -210,3 +211,17 @@ def build_optimizer(
                         f"it accepts {sorted(spec.extra_keys)}")
     groups = param_groups(model, weight_decay, exclude_bn_bias)
     return spec.builders[impl](BuildArgs(groups, lr, momentum, weight_decay, fused, MappingProxyType(extra)))
+
+
+def optimizer_from_config(model: nn.Module, cfg: OptimConfig, lr: float) -> Any:
+    """The recipe's optimizer section over ``model``. ``lr`` is where the schedule starts (its lr at step 0):
+    the schedule owns the learning rate from then on."""
+    extra: dict[str, Any] = {}
+    if cfg.name == "sgd":
+        extra["nesterov"] = cfg.nesterov
+    elif cfg.name == "lars":
+        extra.update(eta=cfg.eta, eps=cfg.eps)
+    else:
+        extra["betas"] = tuple(cfg.betas)
+    return build_optimizer(model, cfg.name, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           impl=cfg.impl, fused=cfg.fused, exclude_bn_bias=cfg.exclude_bn_bias, **extra)

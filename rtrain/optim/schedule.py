@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from rtrain.config import ScheduleConfig
+
 
 def scaled_lr(base_lr_per_256: float, global_batch: int) -> float:
     """Linear scaling rule (Goyal et al.): lr = base * global_batch / 256."""
@@ -129,6 +131,16 @@ class LRSchedule:
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))
         _validate(self.kind, self.base_lr, self.total_steps, self.warmup_steps, self.milestones)
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, total_steps: int) -> LRSchedule:
+        """The recipe's schedule section in steps: epoch-given warmup and milestones become step counts."""
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+        milestones = cfg.milestones_steps if cfg.milestones_steps is not None else [
+            round(epoch * steps_per_epoch) for epoch in cfg.milestones_epochs]
+        return cls(kind=cfg.kind, base_lr=peak_lr, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
+                   milestones=tuple(milestones), gamma=cfg.gamma, end_lr=cfg.end_lr, power=cfg.power,
+                   warmup_start_lr=cfg.warmup_start_lr)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.kind, self.base_lr, self.total_steps, self.warmup_steps, self.milestones,

@@ -111,6 +111,9 @@ class NullTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"version": TRACKER_STATE_VERSION, "run_id": None}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        run_id_from_state(state)  # checks the version; there is no run to continue
+
     def __enter__(self) -> NullTracker:
         return self
 
@@ -228,6 +231,14 @@ class MlflowTracker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": TRACKER_STATE_VERSION, "run_id": self._run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """An MLflow run is chosen when the tracker opens it (build_tracker(resume_state=...)); loading a
+        state afterwards only confirms it names this run."""
+        run_id = run_id_from_state(state)
+        if run_id is not None and run_id != self._run_id:
+            raise TrackingError(f"tracker state names MLflow run {run_id}, this tracker writes {self._run_id}; "
+                                "pass the state to build_tracker(resume_state=...) to continue that run")
 
     def __enter__(self) -> MlflowTracker:
         return self

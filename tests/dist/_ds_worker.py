@@ -106,9 +106,10 @@ def train_step(backend: DeepSpeedBackend, args: argparse.Namespace, step: int) -
 def save_state(backend: DeepSpeedBackend, rank: int, folder: Path) -> None:
     """What rtrain.checkpoint does with a backend's state: shared once, per-rank on every rank."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(backend.per_rank_state(), folder / f"rank{rank}.pt")
+    state = backend.state_dict()
+    torch.save(state["per_rank"], folder / f"rank{rank}.pt")
     if rank == 0:
-        torch.save(backend.shared_state(), folder / "shared.pt")
+        torch.save({"version": state["version"], "shared": state["shared"]}, folder / "shared.pt")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     if args.resume is not None:
         shared = torch.load(args.resume / "shared.pt", weights_only=True)
         per_rank = torch.load(args.resume / f"rank{args.rank}.pt", weights_only=True)
-        backend.load_state(shared, per_rank)
+        backend.load_state_dict({**shared, "per_rank": per_rank})
     first = backend.engine.global_steps
     outcomes, weights = [], []
     for step in range(first, first + args.steps):

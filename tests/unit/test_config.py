@@ -79,7 +79,7 @@ def test_frozen_after_validation():
 @pytest.mark.parametrize("overrides,key", [
     (["train.global_batch=250", "dist.num_workers=4"], "train.global_batch"),
     (["train.global_batch=256", "dist.num_workers=2", "train.accumulation_steps=3"], "train.global_batch"),
-    (["optim.lr=0.5"], "optim.lr"),
+    (["optim.lr=0.5", "optim.base_lr_per_256=0.2"], "optim.lr"),
     (["optim.base_lr_per_256=null"], "optim.lr"),
     (["optim.name=lars", "optim.exclude_bn_bias=false"], "optim.exclude_bn_bias"),
     (["optim.name=lars", "optim.fused=true"], "optim.fused"),
@@ -100,6 +100,22 @@ def test_frozen_after_validation():
 ])
 def test_cross_field_errors(overrides, key):
     assert key in _error(*overrides)
+
+
+def test_learning_rate_is_given_one_way():
+    assert _recipe("optim.lr=0.5").peak_lr == pytest.approx(0.5)  # replaces the default scaling rule
+    r = loads_recipe("optim: {lr: 0.3}\ntrain: {global_batch: 512}\n")
+    assert (r.optim.lr, r.optim.base_lr_per_256, r.peak_lr) == (0.3, None, 0.3)
+    r = loads_recipe("optim: {base_lr_per_256: 0.2}\ntrain: {global_batch: 512}\n")
+    assert r.peak_lr == pytest.approx(0.4) and r.with_overrides(["optim.lr=0.7"]).peak_lr == 0.7
+    assert "not both" in str(pytest.raises(RecipeError, loads_recipe, "optim: {lr: 0.3, base_lr_per_256: 0.1}"
+                                                                      ).value)
+
+
+def test_dali_combinations_are_refused_by_the_schema():
+    message = _error("data.backend=dali", "dist.use_gpu=true", "data.augment=cifar", "data.on_bad_sample=raise")
+    assert "data.augment" in message and "data.on_bad_sample" not in message
+    assert _recipe("data.backend=dali", "dist.use_gpu=true", "data.on_bad_sample=raise").data.backend == "dali"
 
 
 def test_fp16_with_scaler_and_deepspeed_zero_are_valid():

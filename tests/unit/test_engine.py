@@ -16,7 +16,7 @@ from rtrain.dist.backend import DDPBackend
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluate, ten_crops
 from rtrain.engine.loop import FitParts, NonFiniteLossError, fit, restore
-from rtrain.engine.precision import build_scaler
+from rtrain.dist.scaler import build_scaler
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.optim.schedule import LRSchedule
 
@@ -133,7 +133,8 @@ def _parts(tmp_path, recipe: Recipe, total_steps: int, model=None, loader=None, 
         eval_loader.set_epoch(0)
         return evaluate(m, eval_loader, norm, recipe.precision, mode="center")
 
-    return FitParts(recipe=recipe, backend=backend, train_step=step, normalizer=norm, train_loader=loader,
+    return FitParts(train=recipe.train, precision=recipe.precision, evaluation=recipe.eval,
+                    checkpoint=recipe.checkpoint, backend=backend, train_step=step, train_loader=loader,
                     evaluate=run_eval, schedule=LRSchedule("cosine", 0.1, total_steps, warmup_steps=2),
                     total_steps=total_steps, steps_per_epoch=len(loader),
                     checkpointer=CheckpointManager(tmp_path / "ckpt", keep=10),
@@ -207,5 +208,5 @@ def test_torch_compile_matches_eager_and_saves_plain_keys():
                              compile_model=compiled)
         step = TrainStep(backend, Normalizer((0.5,) * 3, (0.25,) * 3, CPU), PrecisionConfig())
         losses.append([float(step(x, y).loss) for _ in range(3)])
-        assert all(not k.startswith("_orig_mod") for k in backend.shared_state()["model"])
+        assert all(not k.startswith("_orig_mod") for k in backend.state_dict()["shared"]["model"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rtrain.checkpoint import CheckpointManager
-from rtrain.checkpoint_snapshot import snapshot_state
+from rtrain.checkpoint.snapshot import snapshot_state
 from rtrain.engine.rng import RNG_STATE_VERSION, RngStreams, capture_rng_state, restore_rng_state
 
 

@@ -5,11 +5,20 @@ import torch
 
 from rtrain.config import Recipe
 from rtrain.models.weights import export_torchvision
-from rtrain.worker import model_from_recipe, optimizer_from_recipe, schedule_from_recipe
+from rtrain.models import model_from_config
+from rtrain.optim import LRSchedule, optimizer_from_config
 
 
 def _recipe(*overrides: str) -> Recipe:
     return Recipe().with_overrides(list(overrides))
+
+
+def model_from_recipe(recipe: Recipe, num_classes: int) -> torch.nn.Module:
+    return model_from_config(recipe.model, num_classes, seed=recipe.run.seed)
+
+
+def schedule_from_recipe(recipe: Recipe, steps_per_epoch: int, total_steps: int) -> LRSchedule:
+    return LRSchedule.from_config(recipe.schedule, recipe.peak_lr, steps_per_epoch, total_steps)
 
 
 def test_schedule_epochs_become_steps():
@@ -25,7 +34,7 @@ def test_schedule_epochs_become_steps():
 def test_optimizer_from_recipe_excludes_bn_and_bias(name):
     r = _recipe(f"optim.name={name}", "model.name=cifar_resnet20", "train.global_batch=512")
     model = model_from_recipe(r, num_classes=10)
-    opt = optimizer_from_recipe(r, model)
+    opt = optimizer_from_config(model, r.optim, lr=r.peak_lr)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # 0.1 per 256 x 512
     decays = sorted(g["weight_decay"] for g in opt.param_groups)
     assert decays[0] == 0.0 and decays[-1] == pytest.approx(1e-4)

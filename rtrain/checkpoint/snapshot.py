@@ -1,19 +1,19 @@
 """Snapshots of training state for a checkpoint: copies that training may not mutate, checked to be
-loadable with torch.load(weights_only=True) (tensors, containers, scalars) before anything is written."""
+loadable with torch.load(weights_only=True) (tensors, containers, scalars) before anything is written,
+so a value that would not load back is refused at save time with the key path that holds it."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
-from rtrain.checkpoint_io import CheckpointError, UnsafeStateError
+from rtrain._safe_state import SAFE_OPAQUE_TYPES, SAFE_SCALAR_TYPES, StateWalk
+from rtrain.checkpoint.files import CheckpointError, UnsafeStateError
 
-_SAFE_SCALAR_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray)
-_SAFE_OPAQUE_TYPES = (torch.dtype, torch.device, torch.Size)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -77,23 +77,16 @@ def snapshot_state(value: Any, where: str, buffers: SnapshotBuffers | None = Non
     mutate the originals while a background thread writes the snapshot. Without, CPU tensors are
     shared unless they are views into a larger storage (torch.save would write the whole storage).
     """
+    walk = StateWalk(functools.partial(_snapshot_leaf, buffers=buffers), check_key=_check_key)
+    return walk(value, where)
+
+
+def _snapshot_leaf(value: Any, where: str, buffers: SnapshotBuffers | None) -> Any:
     value_type = type(value)
-    if value_type in _SAFE_SCALAR_TYPES or isinstance(value, _SAFE_OPAQUE_TYPES):
+    if value_type in SAFE_SCALAR_TYPES or isinstance(value, SAFE_OPAQUE_TYPES):
         return value
     if isinstance(value, torch.Tensor):
         return _snapshot_tensor(value, where, buffers)
-    if value_type in (dict, OrderedDict):
-        items = []
-        for key, item in value.items():
-            _check_key(key, where)
-            items.append((key, snapshot_state(item, f"{where}[{key!r}]", buffers)))
-        return value_type(items)
-    if value_type in (list, tuple):
-        return value_type(snapshot_state(item, f"{where}[{index}]", buffers) for index, item in enumerate(value))
-    if value_type is set:
-        for item in value:
-            _check_key(item, where)
-        return set(value)
     raise UnsafeStateError(
         f"{where}: {value_type.__module__}.{value_type.__qualname__} cannot be stored in a "
         "checkpoint (torch.load(weights_only=True) only reads tensors, dicts, lists, tuples, sets, "
@@ -103,7 +96,7 @@ def snapshot_state(value: Any, where: str, buffers: SnapshotBuffers | None = Non
 
 
 def _check_key(key: Any, where: str) -> None:
-    if type(key) in _SAFE_SCALAR_TYPES and type(key) is not bytearray:
+    if type(key) in SAFE_SCALAR_TYPES and type(key) is not bytearray:
         return
     if type(key) is tuple:
         for part in key:

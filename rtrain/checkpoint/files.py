@@ -1,9 +1,9 @@
-"""File-level pieces of the checkpoint format: safe state snapshots, durable writes, manifests.
+"""The on-disk format of a checkpoint: names, file writes and reads, the manifest and its verification.
 
-This module and `rtrain.checkpoint` are the only places in rtrain that call torch.save / torch.load.
-Everything written here must load back with `torch.load(weights_only=True)`, so states are checked
-(and copied where needed) before anything touches the disk; a value that would not load back is
-refused at save time with the key path that holds it, instead of surfacing on resume.
+The only module of rtrain that calls torch.save, and the only one that torch.loads checkpoint files
+(torchvision weight files are read by rtrain.models.weights). States reach it as snapshots already
+checked to load back with `torch.load(weights_only=True)` (rtrain.checkpoint.snapshot), and are read
+back only that way.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from rtrain._io import HashingWriter, durable_file, fsync_dir, sha256_file, write_atomically, write_durably
 
 FORMAT_NAME = "rtrain-checkpoint"
 FORMAT_VERSION = 1
@@ -29,9 +31,12 @@ DONE_NAME = "DONE"
 SAVE_ID_NAME = "SAVE_ID"
 SHARED_DIR = "shared"
 STATE_SUFFIX = ".pt"
+STEP_DIR_PATTERN = re.compile(r"step-(\d{9})")
+TMP_DIR_PATTERN = re.compile(r"\.tmp-step-(\d{9})")
+TRASH_PREFIX = ".trash-"  # a dir renamed away to be deleted
+STAGING_PREFIX = ".staging-"  # a tmp dir being prepared before it appears under its name
+SCRATCH_PREFIXES = (TRASH_PREFIX, STAGING_PREFIX)
 _WRITE_THREADS = 4  # files written or hashed at once
-
-# Exact types (not isinstance): numpy scalars subclass float/int but do not survive weights_only loads.
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +52,10 @@ class FileDigest:
     sha256: str
     size: int
 
+    @classmethod
+    def of_bytes(cls, data: bytes) -> FileDigest:
+        return cls(hashlib.sha256(data).hexdigest(), len(data))
+
     def as_json(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size}
 
@@ -57,6 +66,10 @@ def rank_dir_name(rank: int) -> str:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:09d}"
+
+
+def tmp_dir_name(step: int) -> str:
+    return f".tmp-{step_dir_name(step)}"
 
 
 def check_state_name(name: Any, where: str) -> str:
@@ -71,33 +84,13 @@ def check_state_name(name: Any, where: str) -> str:
     return name
 
 
-class _HashingWriter:
-    """File-like that hashes bytes as torch.save streams them, so nothing is read back to hash."""
-
-    def __init__(self, file) -> None:
-        self._file = file
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self._hash.update(data)
-        self.size += memoryview(data).nbytes
-        return self._file.write(data)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def digest(self) -> FileDigest:
-        return FileDigest(self._hash.hexdigest(), self.size)
-
+# ---------------------------------------------------------------------------------------------- writing
 
 def write_torch_file(path: Path, state: Any) -> FileDigest:
-    with open(path, "wb") as file:
-        writer = _HashingWriter(file)
+    with durable_file(path) as file:
+        writer = HashingWriter(file)  # hashed as torch.save streams it: nothing is read back to hash
         torch.save(state, writer)
-        file.flush()
-        os.fsync(file.fileno())
-    return writer.digest()
+    return FileDigest(writer.hexdigest(), writer.size)
 
 
 def write_state_files(directory: Path, states: dict[str, Any]) -> dict[str, FileDigest]:
@@ -116,11 +109,8 @@ def write_state_files(directory: Path, states: dict[str, Any]) -> dict[str, File
 
 
 def write_bytes_file(path: Path, data: bytes) -> FileDigest:
-    with open(path, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    return FileDigest(hashlib.sha256(data).hexdigest(), len(data))
+    write_durably(path, data)
+    return FileDigest.of_bytes(data)
 
 
 def write_json_file(path: Path, data: Any, atomically: bool = False) -> FileDigest:
@@ -128,29 +118,21 @@ def write_json_file(path: Path, data: Any, atomically: bool = False) -> FileDige
     encoded = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
     if not atomically:
         return write_bytes_file(path, encoded)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    digest = write_bytes_file(partial, encoded)
-    os.replace(partial, path)
-    return digest
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(path, encoded)
+    return FileDigest.of_bytes(encoded)
 
 
 def remove_dir(path: Path) -> None:
     """Rename away first so a half-deleted dir never sits under a name someone trusts or polls."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:12]}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:12]}")
     try:
         os.rename(path, trash)
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
 
+
+# ---------------------------------------------------------------------------------------------- reading
 
 def read_json_file(path: Path) -> Any:
     with open(path, "rb") as file:
@@ -220,16 +202,15 @@ def verify_files(ckpt_dir: Path, manifest: dict) -> None:
                 f"{ckpt_dir}: file {name} has {size} bytes, manifest says {entry['size']} (truncated?)"
             )
     with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="rtrain-ckpt-verify") as pool:
-        actual = dict(zip(files, pool.map(lambda name: _sha256_of(ckpt_dir / name), files)))
+        actual = dict(zip(files, pool.map(lambda name: _sha256_or_reason(ckpt_dir / name), files)))
     for name, entry in files.items():
         if actual[name] != entry["sha256"]:
             raise CheckpointError(f"{ckpt_dir}: file {name} fails its sha256 check (corrupted)")
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_or_reason(path: Path) -> str:
     try:
-        with open(path, "rb") as file:
-            return hashlib.file_digest(file, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError as error:  # vanished or unreadable since the size check: reported as a mismatch
         return f"unreadable: {error}"
 
@@ -251,62 +232,3 @@ def load_torch_file(ckpt_dir: Path, name: str) -> Any:
         return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for bad archives
         raise CheckpointError(f"{ckpt_dir}: cannot load {name}: {error}") from error
-
-
-_FIRST_POLL_S = 0.005
-_MAX_POLL_S = 0.25
-
-
-class Poller:
-    """Backing-off sleeps until a deadline; many ranks polling one shared filesystem must stay light."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.deadline = time.monotonic() + timeout_s
-        self._interval = _FIRST_POLL_S
-
-    def expired(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def sleep(self) -> None:
-        time.sleep(self._interval)
-        self._interval = min(_MAX_POLL_S, self._interval * 1.5)
-
-
-def read_save_id(tmp_dir: Path) -> str | None:
-    try:
-        return (tmp_dir / SAVE_ID_NAME).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def read_published_save_id(final_dir: Path) -> str | None:
-    try:
-        return read_json_file(final_dir / MANIFEST_NAME).get("save_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def read_done_marker(marker: Path, save_id: str) -> tuple[dict[str, FileDigest], FileDigest] | None:
-    """The files a rank's DONE lists plus the marker's own digest; None while absent or from another save."""
-    try:
-        data = marker.read_bytes()
-        done = json.loads(data.decode())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(done, dict) or done.get("save_id") != save_id:
-        return None
-    listed = {name: FileDigest(entry["sha256"], entry["size"]) for name, entry in done["files"].items()}
-    return listed, FileDigest(hashlib.sha256(data).hexdigest(), len(data))
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict file from elsewhere (e.g. torchvision's .pth), read with weights_only=True on the CPU."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for unreadable or unsafe files
-        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return state

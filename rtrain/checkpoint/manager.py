@@ -1,0 +1,234 @@
+"""CheckpointManager: atomic, verified, keep-k checkpoints written by every rank of a job without collectives.
+
+Layout under `root`:
+    step-{N:09d}/shared/<name>.pt      written once, by rank 0
+    step-{N:09d}/rank-{r:05d}/<name>.pt  written by rank r (RNG streams, loader position, ZeRO shards)
+    step-{N:09d}/rank-{r:05d}/DONE     rank r's list of its files with sha256 + size
+    step-{N:09d}/meta.json             small JSON (resolved recipe, MLflow run id, epoch, ...)
+    step-{N:09d}/MANIFEST.json         sha256 + size of every file, world_size, step, format version
+
+How the ranks agree on a complete step dir is rtrain.checkpoint.commit; the file formats and their
+verification are rtrain.checkpoint.files. Here: argument checks, snapshots (in the caller's thread,
+optionally written by a background thread), pruning, listing and loading.
+
+Every rank must call save() for every checkpointed step; `shared` and `meta` are only read on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rtrain.checkpoint import commit, files, snapshot
+from rtrain.checkpoint.commit import RankCommit, SaveJob
+from rtrain.checkpoint.files import MANIFEST_NAME, SHARED_DIR, STATE_SUFFIX, CheckpointError
+
+logger = logging.getLogger("rtrain.checkpoint")  # one logger for the package, as before the split
+
+
+@dataclass
+class Loaded:
+    step: int
+    path: Path
+    shared: dict[str, Any]
+    per_rank: dict[str, Any]  # this rank's states only
+    meta: dict[str, Any]
+    world_size: int = 1  # the world size the checkpoint was written with
+
+
+def _check_arguments(keep: Any, rank: Any, world_size: Any, finalize_timeout_s: Any) -> None:
+    if keep is not None and (type(keep) is not int or keep < 1):
+        raise ValueError(f"CheckpointManager keep must be an int >= 1 or None (keep all), got {keep!r}")
+    if type(world_size) is not int or world_size < 1:
+        raise ValueError(f"CheckpointManager world_size must be an int >= 1, got {world_size!r}")
+    if type(rank) is not int or not 0 <= rank < world_size:
+        raise ValueError(f"CheckpointManager rank must be in [0, {world_size}), got {rank!r}")
+    if not finalize_timeout_s > 0:
+        raise ValueError(f"CheckpointManager finalize_timeout_s must be > 0, got {finalize_timeout_s!r}")
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        keep: int | None = 3,
+        rank: int = 0,
+        world_size: int = 1,
+        async_save: bool = False,
+        finalize_timeout_s: float = 600,
+    ) -> None:
+        _check_arguments(keep, rank, world_size, finalize_timeout_s)
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+        self.async_save = async_save
+        self.finalize_timeout_s = float(finalize_timeout_s)
+        self.last_save_blocking_s = 0.0  # how long the latest save() held up its caller
+        self._commit = RankCommit(self.root, rank, world_size, self.finalize_timeout_s, publish=self._publish)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rtrain-ckpt") if async_save else None
+        self._snapshot_buffers = snapshot.SnapshotBuffers() if async_save else None
+        self._pending: Future | None = None
+        self._pending_step: int | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any] | None = None,
+             meta: dict | None = None) -> None:
+        started = time.perf_counter()
+        self.wait()
+        job = self._prepare(step, shared, per_rank, meta)
+        if self._executor is None:
+            self._write(job)
+        else:
+            self._pending = self._executor.submit(self._write, job)
+            self._pending_step = step
+        self.last_save_blocking_s = time.perf_counter() - started
+
+    def wait(self) -> None:
+        pending, step = self._pending, self._pending_step
+        self._pending, self._pending_step = None, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"{self.root / files.step_dir_name(step)}: background save failed: {error}"
+            ) from error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._snapshot_buffers = snapshot.SnapshotBuffers()  # release the host copies
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def list(self) -> list[Path]:
+        """Complete (renamed) step dirs, newest first; not verified, see latest()."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            match = files.STEP_DIR_PATTERN.fullmatch(entry.name)
+            if match and entry.is_dir():
+                found.append((int(match.group(1)), entry))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def latest(self) -> Loaded | None:
+        """Newest checkpoint that verifies, falling back to older ones past damaged ones."""
+        skipped = []
+        for path in self.list():
+            try:
+                loaded = self.load(path)
+            except CheckpointError as error:
+                logger.warning("skipping checkpoint %s: %s", path, error)
+                skipped.append(path.name)
+                continue
+            because = f" (newer ones failed verification: {', '.join(skipped)})" if skipped else ""
+            logger.info("using checkpoint %s, step %d%s", path, loaded.step, because)
+            return loaded
+        if skipped:
+            logger.warning("no usable checkpoint in %s: all of %s failed verification", self.root, skipped)
+        else:
+            logger.info("no checkpoint in %s", self.root)
+        return None
+
+    def load(self, path: str | os.PathLike) -> Loaded:
+        """Verify every file against the manifest, then load shared states and this rank's own."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        manifest = files.read_manifest(path)
+        name_match = files.STEP_DIR_PATTERN.fullmatch(path.name)
+        if name_match and int(name_match.group(1)) != manifest["step"]:
+            raise CheckpointError(f"{path}: {MANIFEST_NAME} says step {manifest['step']}, directory name disagrees")
+        files.verify_files(path, manifest)
+        own_dir = files.rank_dir_name(self.rank)
+        shared: dict[str, Any] = {}
+        per_rank: dict[str, Any] = {}
+        for name in manifest["files"]:
+            folder, _, file_name = name.rpartition("/")
+            if file_name.endswith(STATE_SUFFIX) and folder in (SHARED_DIR, own_dir):
+                states = shared if folder == SHARED_DIR else per_rank
+                states[file_name[: -len(STATE_SUFFIX)]] = files.load_torch_file(path, name)
+        meta = files.read_meta(path, manifest)
+        if manifest["world_size"] != self.world_size:
+            logger.warning(
+                "%s was written by %d ranks, this job has %d: rank %d gets %s per-rank states",
+                path, manifest["world_size"], self.world_size, self.rank, "its" if per_rank else "no",
+            )
+        return Loaded(manifest["step"], path, shared, per_rank, meta, manifest["world_size"])
+
+    def _prepare(self, step: int, shared: Any, per_rank: Any, meta: Any) -> SaveJob:
+        """Runs in the caller's thread."""
+        if type(step) is not int or step < 0:
+            raise CheckpointError(f"checkpoint step must be an int >= 0, got {step!r}")
+        buffers = self._snapshot_buffers  # async: the caller may mutate its tensors once save() returns
+        shared_states: dict[str, Any] = {}
+        meta_state: dict[str, Any] = {}
+        if self.rank == 0:
+            shared_states = _snapshot_group("shared", shared, buffers)
+            if meta is not None and type(meta) is not dict:
+                raise CheckpointError(f"meta must be a dict, got {type(meta).__qualname__}")
+            snapshot.check_json_state(meta or {}, "meta")
+            meta_state = json.loads(json.dumps(meta or {}))  # a private copy, written later
+        per_rank_states = _snapshot_group("per_rank", per_rank or {}, buffers)
+        if buffers is not None:
+            buffers.finish()
+        return SaveJob(step, shared_states, per_rank_states, meta_state)
+
+    def _write(self, job: SaveJob) -> None:
+        """Runs in the caller's thread or the background thread."""
+        if self._commit.commit(job) is not None:  # rank 0, once the step is published
+            self._prune(job.step)
+
+    def _publish(self, tmp_dir: Path, final_dir: Path) -> None:
+        """Rank 0's final rename (commit.publish_dir); a method so that a test can hold it back."""
+        commit.publish_dir(self.root, tmp_dir, final_dir)
+
+    def _prune(self, saved_step: int) -> None:
+        saved_name = files.step_dir_name(saved_step)
+        complete = self.list()
+        newer = [path.name for path in complete if path.name > saved_name]
+        if newer:
+            logger.warning(
+                "checkpoints newer than %s exist in %s (%s), left by an earlier timeline; "
+                "latest() will prefer them", saved_name, self.root, ", ".join(newer),
+            )
+        if self.keep is not None:
+            for old in [path for path in complete if path.name != saved_name][self.keep - 1:]:
+                logger.info("pruning %s (keep=%d)", old, self.keep)
+                files.remove_dir(old)
+        for entry in self.root.iterdir():
+            tmp_match = files.TMP_DIR_PATTERN.fullmatch(entry.name)
+            if tmp_match and int(tmp_match.group(1)) < saved_step:
+                logger.info("removing abandoned %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(files.SCRATCH_PREFIXES):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _snapshot_group(group: str, states: Any, buffers: snapshot.SnapshotBuffers | None) -> dict[str, Any]:
+    if not isinstance(states, dict):
+        raise CheckpointError(f"{group} must be a dict of name -> state, got {type(states).__qualname__}")
+    snapshots = {}
+    for name, state in states.items():
+        files.check_state_name(name, group)
+        snapshots[name] = snapshot.snapshot_state(state, f"{group}[{name!r}]", buffers)
+    return snapshots
