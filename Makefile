@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)/digits  # regenerated each time (identical files); the shards are reused
 	$(PY) -m data_prep.samples digits --out $(DEMO_DIR)/digits
 	$(PY) -m data_prep.imagenet --src $(DEMO_DIR)/digits --out $(DEMO_DIR)/shards --shard-size 200 --workers 2
 	rm -rf $(DEMO_DIR)/runs/quickstart

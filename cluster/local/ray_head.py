@@ -1,8 +1,13 @@
-"""A local single-node Ray head on 127.0.0.1, started in the background and stopped by PID.
+"""A local single-node Ray head on 127.0.0.1, with its job server, started in the background and stopped by PID.
 
-    python -m cluster.local.ray_head start --port 6380 --num-cpus 2
-    RAY_ADDRESS=127.0.0.1:6380 RAY_AUTH_MODE=token python -m rtrain.launch recipes/quickstart.yaml
+    python -m cluster.local.ray_head start --port 6380 --num-cpus 2     # prints the addresses below
+    export RAY_ADDRESS=http://127.0.0.1:<dashboard port> RAY_AUTH_MODE=token
+    ray job submit --working-dir . -- python -m rtrain.launch recipes/quickstart.yaml
     python -m cluster.local.ray_head stop --port 6380
+
+The job server (`ray job submit`, `ray job logs`, `ray job stop`) and the state API that Ray Train polls live
+in the head's dashboard, so the head runs one, on a free port of 127.0.0.1. A driver started by hand on this
+host (not as a job) connects with the GCS address instead: RAY_ADDRESS=127.0.0.1:6380.
 
 `ray start --head --block` runs in its own session and tears its processes down on SIGTERM, so stopping
 ends this head only; `ray stop` would kill every Ray instance of the user on the machine.
@@ -34,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class RayHead:
     pid: int
-    address: str
+    address: str  # GCS host:port, for drivers started by hand
+    dashboard_url: str  # http://host:port of the job server, for `ray job submit --address`
     pid_file: Path
     log_path: Path
     temp_dir: Path
@@ -63,12 +69,13 @@ def ray_executable() -> str:
     return found
 
 
-def head_argv(port: int, num_cpus: int, temp_dir: Path) -> list[str]:
+def head_argv(port: int, num_cpus: int, temp_dir: Path, dashboard_port: int) -> list[str]:
     return [
         ray_executable(), "start", "--head", "--block",
         "--node-ip-address", HOST, "--port", str(port),
         "--num-cpus", str(num_cpus), "--num-gpus", "0",
-        "--include-dashboard=false", "--disable-usage-stats",
+        "--include-dashboard=true", "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port),
+        "--disable-usage-stats",
         "--temp-dir", str(temp_dir),
         "--ray-client-server-port", str(_free_port()),
         "--dashboard-agent-listen-port", str(_free_port()),
@@ -78,16 +85,19 @@ def head_argv(port: int, num_cpus: int, temp_dir: Path) -> list[str]:
 
 def _head_env() -> dict[str, str]:
     paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0",
+    # A job's entrypoint runs `python` from the head's PATH: make that this Python (the venv with rtrain).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONPATH": os.pathsep.join(paths), "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",
             # No Serve replicas to migrate here: skip the 30 s node drain Ray does on SIGTERM.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
-def _cluster_answers(address: str) -> bool:
-    """GCS up is not enough: `ray status` succeeds once the head's raylet has registered."""
+def _cluster_answers(address: str, dashboard_port: int) -> bool:
+    """GCS up is not enough: `ray status` succeeds once the head's raylet has registered, and jobs can be
+    submitted once the dashboard listens."""
     host, port = address.rsplit(":", 1)
-    if not port_open(host, int(port)):
+    if not port_open(host, int(port)) or not port_open(HOST, dashboard_port):
         return False
     done = subprocess.run([ray_executable(), "status", "--address", address], capture_output=True,
                           timeout=60, env=_head_env())
@@ -105,14 +115,16 @@ def start_head(port: int = DEFAULT_PORT, num_cpus: int | None = None, pid_file: 
     pid_file = Path(pid_file).resolve() if pid_file else default_pid_file(port)
     log_path = pid_file.with_suffix(".log")
     cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
-    proc = spawn_detached(head_argv(port, cpus, temp_dir), log_path, pid_file, env=_head_env())
+    dashboard_port = _free_port()
+    proc = spawn_detached(head_argv(port, cpus, temp_dir, dashboard_port), log_path, pid_file, env=_head_env())
     try:
-        wait_until(lambda: _cluster_answers(address), timeout_s, f"ray head at {address}",
+        wait_until(lambda: _cluster_answers(address, dashboard_port), timeout_s, f"ray head at {address}",
                    alive=lambda: pid_alive(proc.pid), log_path=log_path)
     except (ServiceError, subprocess.TimeoutExpired):
         stop_by_pid_file(pid_file, expect_in_cmdline="ray")
         raise
-    return RayHead(pid=proc.pid, address=address, pid_file=pid_file, log_path=log_path, temp_dir=temp_dir)
+    return RayHead(pid=proc.pid, address=address, dashboard_url=f"http://{HOST}:{dashboard_port}",
+                   pid_file=pid_file, log_path=log_path, temp_dir=temp_dir)
 
 
 def stop_head(pid_file: str | Path) -> bool:
@@ -140,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             head = start_head(args.port, args.num_cpus, args.pid_file, args.timeout)
-            print(f"ray head ready at {head.address} (PID {head.pid}, log {head.log_path})")
+            print(f"ray head ready at {head.address}, job server {head.dashboard_url} "
+                  f"(PID {head.pid}, log {head.log_path})")
+            print("submit jobs with:")
+            print(f"export RAY_ADDRESS={head.dashboard_url} RAY_AUTH_MODE=token")
+            print("or run a driver on this host with:")
             print(f"export RAY_ADDRESS={head.address} RAY_AUTH_MODE=token")
             return 0
         pid_file = Path(args.pid_file) if args.pid_file else default_pid_file(args.port)

@@ -66,6 +66,9 @@ class DataConfig(Section):
     backend: Literal["webdataset", "dali"] = Field(
         "webdataset", description="webdataset = rtrain's CPU loader; dali = NVIDIA DALI GPU decoding (CUDA only).")
     pin_memory: bool = Field(True, description="On CUDA: pinned host memory and non-blocking copies.")
+    sample_ledger: bool = Field(
+        False, description="Append the sample ids of every training batch to <run dir>/ledger/rank-R.jsonl, "
+        "to audit that a restarted run trained on every sample exactly once.")
     mean: tuple[float, float, float] = Field(
         (0.485, 0.456, 0.406), description="Per-channel mean (0..1 scale), subtracted on the device.")
     std: tuple[float, float, float] = Field(
@@ -87,6 +90,8 @@ def dali_problems(data: DataConfig) -> list[str]:
         problems.append("data.on_bad_sample: DALI cannot skip bad samples; set raise")
     if data.verify_sha256:
         problems.append("data.verify_sha256: not available on DALI; verify shards with data_prep instead")
+    if data.sample_ledger:
+        problems.append("data.sample_ledger: not available on DALI")
     return problems
 
 

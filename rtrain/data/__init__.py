@@ -22,8 +22,9 @@ from rtrain.data.worker import SampleError
 
 
 def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 train: bool) -> Any:
-    """The loader for one split on one rank; `cfg` is the recipe's DataConfig."""
+                 train: bool, ledger: Any = None) -> Any:
+    """The loader for one split on one rank; `cfg` is the recipe's DataConfig; `ledger` a file to append
+    each batch's sample ids to (rtrain.data.ledger)."""
     if cfg.backend == "dali":
         from rtrain.data.dali import DaliLoader
 
@@ -32,7 +33,7 @@ def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size
     if cfg.backend != "webdataset":
         raise ValueError(f"data.backend: unknown backend {cfg.backend!r}")
     return ShardLoader(cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                       train=train)
+                       train=train, ledger=ledger)
 
 
 __all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "build_loader"]

@@ -15,12 +15,14 @@ Contract (the engine relies on it):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rtrain.data.ledger import SampleLedger
 from rtrain.data.plan import (
     Layout,
     SegmentGeometry,
@@ -36,7 +38,7 @@ from rtrain.data.worker import EpochTask, RankBatches
 
 class ShardLoader:
     def __init__(self, cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 train: bool):
+                 train: bool, ledger: str | Path | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"loader: rank {rank} is not in a world of size {world_size}")
         if batch_size < 1:
@@ -52,6 +54,7 @@ class ShardLoader:
         self._pool_key: tuple | None = None
         self._pool = np.zeros(0, dtype=np.int64)
         self._held_ahead = 0
+        self.ledger = SampleLedger(ledger) if ledger is not None else None  # see rtrain.data.ledger
         if self.manifest.num_samples == 0 or self._geometry().batches_per_rank == 0:
             raise ValueError(
                 f"{self.source.location}: split {split!r} has {self.manifest.num_samples} samples, fewer than "
@@ -193,10 +196,12 @@ class EpochIterator:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.loader._state
         while True:
-            images, labels, stats = next(self._items)
+            images, labels, ids, stats = next(self._items)
             for key, value in stats.items():
                 state.stats[key] = state.stats.get(key, 0) + int(value)
             if images is not None:
+                if self.loader.ledger is not None:
+                    self.loader.ledger.record(state.epoch, state.batches_done, ids)
                 state.batches_done += 1
                 return images, labels
 

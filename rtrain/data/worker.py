@@ -75,35 +75,39 @@ class BatchAssembler:
         else:
             self.images = torch.empty((size, 3, side, side), dtype=torch.uint8)
         self.labels: list[int] = []
+        self.ids: list[int] = []
         self.slots_used = 0
 
-    def add(self, image: torch.Tensor | None, label: int | None) -> None:
+    def add(self, image: torch.Tensor | None, label: int | None, sample_id: int) -> None:
         """Place a (3, H, W) image; None marks a skipped sample."""
         if image is not None:
             self.images[len(self.labels)].copy_(image)
             self.labels.append(label)
+            self.ids.append(sample_id)
         self.slots_used += 1
 
     @property
     def full(self) -> bool:
         return bool(self.sizes) and self.slots_used >= self.sizes[0]
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         images = self.images[: len(self.labels)]
         labels = torch.tensor(self.labels, dtype=torch.int64)
+        ids = self.ids
         self.sizes.pop(0)
         self._start_next()
-        return images, labels
+        return images, labels, ids
 
 
 class RankBatches(IterableDataset):
-    """Iterable over (images, labels, stat increments) items; (None, None, stats) pads the end."""
+    """Iterable over (images, labels, sample ids, stat increments) items; (None, None, None, stats) pads
+    the end."""
 
     def __init__(self, task: EpochTask):
         super().__init__()
         self.task = task
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any, dict[str, int]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         task = self.task
@@ -116,7 +120,7 @@ class RankBatches(IterableDataset):
         for produced, item in enumerate(reader.batches(), start=1):
             yield item
         for _ in range(items - produced):
-            yield None, None, reader.take_stats()
+            yield None, None, None, reader.take_stats()
 
 
 class SlotReader:
@@ -138,15 +142,15 @@ class SlotReader:
         stats, self.stats = self.stats, dict.fromkeys(STAT_KEYS, 0)
         return stats
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, int]]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int], dict[str, int]]]:
         task = self.task
         assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last)
         for sample_id, item in self._samples_in_emission_order():
             image, label = self._prepare(sample_id, item)
-            assembler.add(image, label)
+            assembler.add(image, label, int(sample_id))
             if assembler.full:
-                images, labels = assembler.take()
-                yield images, labels, self.take_stats()
+                images, labels, ids = assembler.take()
+                yield images, labels, ids, self.take_stats()
 
     def _read_runs(self) -> Iterator[tuple[int, list[int]]]:
         """(shard index, wanted positions) in reading order, for shards holding remaining samples."""

@@ -6,14 +6,28 @@ Ray is imported only when called: importing this module stays cheap.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def connect_or_start_ray(address: str | None, num_cpus: int, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connect to the cluster at `address`, else at RAY_ADDRESS (set inside `ray job submit`), else start
-    a local Ray with `num_cpus` CPUs and no dashboard. True when this call did the ray.init and so owns
-    the shutdown; False when Ray was already initialized (the caller's session: tests, notebooks).
+    a local Ray with `num_cpus` CPUs. True when this call did the ray.init and so owns the shutdown; False
+    when Ray was already initialized (the caller's session: tests, notebooks).
+
+    A local Ray gets its dashboard on a free port of 127.0.0.1: it serves the state API that Ray Train's
+    controller polls (without it every worker group logs "Failed to query Ray Train Controller actor
+    state" every few seconds) and the job server.
     """
     import ray
 
@@ -23,7 +37,8 @@ def connect_or_start_ray(address: str | None, num_cpus: int, runtime_env: dict[s
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, num_cpus=num_cpus, runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=True,
+                 dashboard_host=LOOPBACK, dashboard_port=_free_port())
     return True
 
 

@@ -88,6 +88,11 @@ def restore(parts: FitParts, shared: dict, per_rank: dict) -> None:
     stateful.restore(stateful_parts(parts), shared, per_rank)
 
 
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _global_mean(value: torch.Tensor) -> float:
     if dist.is_available() and dist.is_initialized():
         value = value.detach().clone()
@@ -180,8 +185,11 @@ class _Fit:
         if p.tracker is not None:
             p.tracker.log_metrics(metrics, step=p.state.step)
         if p.rank == 0:
-            log.info("step %d/%d epoch %d loss %.4f lr %.4g %.1f img/s", p.state.step, p.total_steps,
-                     p.state.epoch, self.last_loss, lr, self.images_per_s)
+            eta_s = (p.total_steps - p.state.step) * seconds / steps
+            epochs = math.ceil(p.total_steps / p.steps_per_epoch)
+            log.info("step %d/%d (%d%%) epoch %d/%d loss %.4f lr %.4g %.1f img/s ETA %s", p.state.step,
+                     p.total_steps, 100 * p.state.step // p.total_steps, p.state.epoch + 1, epochs,
+                     self.last_loss, lr, self.images_per_s, _clock(eta_s))
 
     def _eval_due(self, epochs_done: int) -> bool:
         every = max(1, round(self.p.evaluation.every_epochs))

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def allreduce_worker(config: dict) -> dict:
-    """Stand-in for rtrain.worker.run_worker: joins the group, sums rank+1 over all ranks."""
+    """Stand-in for rtrain.launch.worker.run_worker: joins the group, sums rank+1 over all ranks."""
     recipe = loads_recipe(config["recipe_yaml"])
     env = detect_env()
     init_distributed(env, use_gpu=recipe.dist.use_gpu)

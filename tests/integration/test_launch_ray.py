@@ -1,67 +1,129 @@
-"""The Ray launcher on real Ray: a Ray it starts itself, and an external head from cluster.local reached by
-`python -m rtrain.launch` through RAY_ADDRESS; 2 CPU workers on gloo running the stand-in workers."""
+"""The Ray launcher with the real worker (rtrain.launch.worker.run_worker, 2 workers on gloo, the quickstart at
+CPU scale): on a Ray it starts itself (quiet: no Ray Train state-API errors), on an external head from
+cluster.local.ray_head as a driver, and submitted to that head with `ray job submit` / stopped with
+`ray job stop`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from test_launch_local import _raw, allreduce_worker
+from ray_runs import (
+    REPO,
+    checkpoint_steps,
+    final_weights,
+    launch_command,
+    mlflow_runs,
+    pids_gone,
+    quickstart_overrides,
+    wait_for,
+)
 
 from cluster.local import ray_head
 from cluster.local.procs import pid_alive
-from rtrain.config import recipe_from_dict
-from rtrain.launch import launch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_ray_launcher_on_a_ray_it_starts(tmp_path):
-    import ray
+def test_quickstart_on_a_ray_it_starts_is_quiet_and_says_where_the_run_is(digits_shards, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(launch_command(quickstart_overrides(digits_shards, tmp_path, "own", 6)), cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-5000:]
+    assert "Failed to query" not in console
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 6 and summary["world_size"] == 2
+    assert re.search(r"step 6/6 \(100%\) epoch 1/1 loss [\d.]+ lr \S+ [\d.]+ img/s ETA 0:00:00", console)
+    assert f"rtrain: run directory {tmp_path / 'own'}" in done.stderr
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in done.stderr
+    assert final_weights(tmp_path, "own", 6)
+    [run] = mlflow_runs(tmp_path, "own")
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
 
-    raw = _raw(tmp_path, launcher="ray")
-    summary = launch(recipe_from_dict(raw), worker_fn=allreduce_worker)
-    assert summary == {"world_size": 2, "sum": 3.0, "source": "ray", "run": "standin",
-                       "output_root": str(tmp_path / "runs")}
-    assert (tmp_path / "runs" / "standin" / "ray").is_dir()  # Ray Train's storage_path under the run dir
-    assert not ray.is_initialized()  # the launcher shut down the Ray it started
 
+@pytest.fixture(scope="module")
+def head():
+    from conftest import free_port
 
-@pytest.fixture
-def head(port):
-    handle = ray_head.start_head(port=port, num_cpus=2)
+    handle = ray_head.start_head(port=free_port(), num_cpus=2)
     try:
         yield handle
     finally:
         ray_head.stop_head(handle.pid_file)
+    assert not pid_alive(handle.pid) and not handle.pid_file.exists()
 
 
-def _launch_cli(recipe: Path, worker: str, address: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)])}
-    return subprocess.run([sys.executable, "-m", "rtrain.launch", str(recipe), "--worker", worker],
-                          capture_output=True, text=True, timeout=500, cwd=REPO, env=env)
+def _ray_env(address: str) -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
 
 
-def test_cli_on_an_external_head_then_stop_it_by_pid(head, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(_raw(tmp_path, launcher="ray")))
+def test_driver_on_an_external_head_reports_a_real_failure_in_one_line(head, digits_shards, tmp_path):
+    overrides = quickstart_overrides(digits_shards, tmp_path, "broken", 3, f"model.init_from={tmp_path}/none.pt")
+    done = subprocess.run(launch_command(overrides), cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_ray_env(head.address))
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("rtrain: Ray Train run 'broken' failed: rank 0 failed: WeightsFileError")
+    assert f"{tmp_path}/none.pt: cannot read weights" in last and "no checkpoint was saved yet" in last
 
-    done = _launch_cli(recipe, "test_launch_local:allreduce_worker", head.address)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (summary["source"], summary["world_size"], summary["sum"]) == ("ray", 2, 3.0)
 
-    failed = _launch_cli(recipe, "test_launch_local:failing_worker", head.address)
-    assert failed.returncode == 1
-    assert "rank 1 failed" in failed.stderr and "boom on rank 1" in failed.stderr
+def _job(head, verb: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(ray_head.ray_executable())), "job", verb, "--address", head.dashboard_url, *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=_ray_env(head.dashboard_url))
 
-    assert ray_head.stop_head(head.pid_file)
-    assert not pid_alive(head.pid) and not head.pid_file.exists()
 
+def _job_info(head, job_id: str) -> dict:
+    """Status and driver PID of a job, from the job server's own client (token auth as the CLI does it)."""
+    code = ("import json, sys; from ray.job_submission import JobSubmissionClient as C; "
+            "i = C(sys.argv[1]).get_job_info(sys.argv[2]); "
+            "print(json.dumps({'status': i.status.value, 'driver_pid': i.driver_info and int(i.driver_info.pid)}))")
+    done = subprocess.run([sys.executable, "-c", code, head.dashboard_url, job_id], capture_output=True,
+                          text=True, timeout=120, env=_ray_env(head.dashboard_url))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _status(head, job_id: str) -> str:
+    return _job_info(head, job_id)["status"]
+
+
+def test_ray_job_submit_runs_the_launcher_on_the_head(head, digits_shards, tmp_path):
+    job_id = f"rtrain-test-{uuid.uuid4().hex[:8]}"
+    submitted = _job(head, "submit", "--submission-id", job_id, "--working-dir", str(REPO), "--",
+                     "python", "-m", "rtrain.launch", "recipes/quickstart.yaml",
+                     *quickstart_overrides(digits_shards, tmp_path, "job", 6))
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
+    assert _status(head, job_id) == "SUCCEEDED"
+    logs = _job(head, "logs", job_id).stdout
+    assert "Started a local Ray instance" not in logs  # attached to the head's cluster, no second Ray
+    assert "rtrain: finished 'job': step 6/6" in logs
+    assert final_weights(tmp_path, "job", 6)
+    [run] = mlflow_runs(tmp_path, "job")
+    assert run.info.status == "FINISHED"
+
+
+def test_ray_job_stop_ends_the_run_and_leaves_no_process(head, digits_shards, tmp_path):
+    job_id = f"rtrain-stop-{uuid.uuid4().hex[:8]}"
+    name = f"stopme-{uuid.uuid4().hex[:8]}"
+    submitted = _job(head, "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO), "--",
+                     "python", "-m", "rtrain.launch", "recipes/quickstart.yaml",
+                     *quickstart_overrides(digits_shards, tmp_path, name, 5000))
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    wait_for(lambda: checkpoint_steps(tmp_path, name), 300, "the job's first checkpoint")
+    logs = _job(head, "logs", job_id).stdout
+    pids = {int(p) for p in re.findall(r"\((?:RayTrainWorker|TrainController) pid=(\d+)", logs)}
+    pids.add(_job_info(head, job_id)["driver_pid"])  # the job's driver: python -m rtrain.launch
+    assert len(pids) >= 4, logs[-3000:]  # driver, controller, two workers
+    assert all(pid_alive(pid) for pid in pids)
+    stopped = _job(head, "stop", job_id)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    wait_for(lambda: _status(head, job_id) == "STOPPED", 120, "job status STOPPED", poll_s=2)
+    wait_for(lambda: pids_gone(sorted(pids)), 60, f"processes {sorted(pids)} to end")
+    assert max(checkpoint_steps(tmp_path, name)) < 5000  # stopped mid-run; its checkpoints stay to resume

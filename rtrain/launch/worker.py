@@ -18,6 +18,7 @@ import torch
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader
+from rtrain.data.ledger import ledger_path
 from rtrain.dist.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.dist.factory import backend_from_config, place_model
 from rtrain.engine.ema import ModelEMA
@@ -28,7 +29,7 @@ from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
 
-log = logging.getLogger("rtrain.worker")
+log = logging.getLogger("rtrain.launch.worker")
 
 
 def _train(recipe: Recipe) -> dict[str, Any]:
@@ -36,7 +37,8 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     device = init_distributed(env, recipe.dist.use_gpu)
     rank, world, data, train = env.rank, env.world_size, recipe.data, recipe.train
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
-                                batch_size=recipe.per_worker_batch, seed=recipe.run.seed, train=True)
+                                batch_size=recipe.per_worker_batch, seed=recipe.run.seed, train=True,
+                                ledger=ledger_path(recipe.run_dir, rank) if data.sample_ledger else None)
     steps_per_epoch = _steps_per_epoch(recipe, train_loader)
     total_steps = train.max_steps or math.ceil(train.epochs * steps_per_epoch)
     schedule = LRSchedule.from_config(recipe.schedule, recipe.peak_lr, steps_per_epoch, total_steps)
@@ -122,19 +124,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     recipe = loads_recipe(config["recipe_yaml"], where="recipe")
     try:
-        summary = _train(recipe)
-        _report_to_ray(summary)
-        return summary
+        return _train(recipe)  # under Ray Train, rank 0's return value reaches the driver as return_value
     finally:
         shutdown_distributed()
 
-
-def _report_to_ray(summary: dict[str, Any]) -> None:
-    """Under Ray Train, hand rank 0's summary to the driver (every rank must call report)."""
-    try:
-        import ray.train
-
-        ray.train.get_context()
-    except Exception:  # not inside a Ray Train worker
-        return
-    ray.train.report(metrics={k: v for k, v in summary.items() if v is not None})

@@ -1,0 +1,84 @@
+"""`python -m rtrain.launch RECIPE [key=value ...]`: validate a recipe, then run it on Ray Train or locally.
+
+Launchers (dist.launcher):
+- ray:   TorchTrainer on the cluster at dist.ray_address, else RAY_ADDRESS, else a Ray started here.
+- local: dist.num_workers plain processes on this host with torchrun's environment variables.
+Either way every worker runs `worker_fn({"recipe_yaml": <resolved recipe>})` and rank 0's returned
+summary comes back here and is printed as JSON. Heavy imports (torch, Ray) happen only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rtrain.config import Recipe, RecipeError, load_recipe
+from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
+from rtrain.launch.workers import LaunchError, WorkerFn, default_worker, load_worker_or_fail
+
+
+def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int | None = None) -> dict:
+    """Validate and run `recipe` with its dist.launcher; returns rank 0's summary or raises LaunchError."""
+    recipe = prepare_recipe(recipe)
+    recipe_path = write_resolved_recipe(recipe)
+    worker_fn = worker_fn or default_worker()
+    d = recipe.dist
+    print(f"rtrain: run {recipe.run.name!r}: model {recipe.model.name}, {d.num_workers} worker(s) "
+          f"({'GPU/nccl' if d.use_gpu else 'CPU/gloo'}) via the {d.launcher} launcher; "
+          f"resolved recipe {recipe_path}", file=sys.stderr, flush=True)
+    if d.launcher == "local":
+        from rtrain.launch.local import launch_local
+
+        return launch_local(recipe, worker_fn, recipe_path)
+    from rtrain.launch.ray import launch_ray
+
+    return launch_ray(recipe, worker_fn, recipe.dist.max_failures if max_failures is None else max_failures)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rtrain.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2 dist.num_workers=4")
+    parser.add_argument("--worker", metavar="MODULE:FUNCTION",
+                        help="per-worker function to run instead of rtrain.launch.worker:run_worker")
+    parser.add_argument("--max-failures", type=int, default=None,
+                        help="ray launcher: restart the worker group this many times after a failure "
+                             "(default: the recipe's dist.max_failures)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        worker_fn = load_worker_or_fail(args.worker) if args.worker else None
+        summary = launch(recipe, worker_fn, max_failures=args.max_failures)
+    except RecipeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except LaunchError as exc:
+        print(f"rtrain: {exc}", file=sys.stderr)
+        return 1
+    _print_closing(prepare_recipe(recipe), summary)
+    print(json.dumps(summary, default=str, sort_keys=True))
+    return 0
+
+
+def _print_closing(recipe: Recipe, summary: dict) -> None:
+    """What a person wants at the end of a run: how it went, where it is, how to look at it."""
+    if "step" not in summary:  # a custom --worker's summary
+        return
+    top1 = summary.get("val_top1")
+    result = f"val top-1 {top1:.4f} (best {summary.get('best_top1', 0):.4f})" if top1 is not None else "no eval"
+    lines = [f"finished {recipe.run.name!r}: step {summary['step']}/{summary.get('total_steps', '?')}, "
+             f"epoch {summary.get('epoch')}, {result}",
+             f"run directory {recipe.run_dir} (resolved recipe, checkpoints)"]
+    if summary.get("checkpoint"):
+        lines.append(f"last checkpoint {summary['checkpoint']}")
+    if recipe.tracking.enabled and summary.get("run_id"):
+        uri = recipe.tracking.uri
+        view = f"mlflow ui --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else uri
+        lines.append(f"MLflow run {summary['run_id']} (experiment {recipe.tracking.experiment!r}): {view}")
+    print("\n".join(f"rtrain: {line}" for line in lines), file=sys.stderr, flush=True)

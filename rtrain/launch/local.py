@@ -1,0 +1,143 @@
+"""The local launcher: dist.num_workers plain processes on this host with torchrun's environment variables.
+The first rank that fails stops all the others; SIGTERM to the launcher stops them too."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from rtrain.config import Recipe
+from rtrain.launch.workers import (
+    LOOPBACK,
+    LaunchError,
+    WorkerFn,
+    free_port,
+    load_worker,
+    python_path,
+    worker_reference,
+)
+
+SUMMARY_FILE = "summary.json"
+TERMINATE_GRACE_S = 10.0
+POLL_INTERVAL_S = 0.2
+CHILD_ENTRY = "import sys; from rtrain.launch.local import rank_main; sys.exit(rank_main(sys.argv[1:]))"
+
+
+def rank_main(argv: list[str]) -> int:
+    """Entry point of one local rank: run the worker, rank 0 writes its summary, failures write an error file."""
+    reference, recipe_path, exchange_dir = argv
+    rank = int(os.environ["RANK"])
+    exchange = Path(exchange_dir)
+    try:
+        result = load_worker(reference)({"recipe_yaml": Path(recipe_path).read_text()})
+        if rank == 0:
+            summary = result if isinstance(result, dict) else {"result": result}
+            (exchange / SUMMARY_FILE).write_text(json.dumps(summary, default=str))
+        return 0
+    except (Exception, KeyboardInterrupt) as exc:
+        traceback.print_exc()
+        (exchange / f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+               LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0", GROUP_RANK="0",
+               MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), PYTHONPATH=python_path())
+    # As torchrun does: without a cap every rank starts one thread per core and they fight over the cores.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    return env
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM the ranks still running, SIGKILL those still there after TERMINATE_GRACE_S, reap all."""
+    for sig, grace in ((signal.SIGTERM, TERMINATE_GRACE_S), (signal.SIGKILL, 0.0)):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        deadline = time.monotonic() + grace
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+    for proc in procs:
+        proc.wait()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While ranks run, SIGTERM to the launcher (scancel, kill) unwinds it so the ranks are stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise LaunchError("launcher received SIGTERM; stopping all ranks")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _failed_ranks(procs: list[subprocess.Popen]) -> list[tuple[int, int]]:
+    return [(rank, proc.poll()) for rank, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+
+
+def _root_cause(failed: list[tuple[int, int]], exchange: Path) -> tuple[int, int]:
+    """Of the ranks found failed at once, the one whose error was written first: the others usually
+    died of it (a collective losing its peer)."""
+    def written_at(item: tuple[int, int]) -> float:
+        error_file = exchange / f"rank-{item[0]}.error"
+        return error_file.stat().st_mtime if error_file.exists() else float("inf")
+
+    return min(failed, key=lambda item: (written_at(item), item[0]))
+
+
+def _failure_message(rank: int, code: int, exchange: Path) -> str:
+    error_file = exchange / f"rank-{rank}.error"
+    why = error_file.read_text() if error_file.exists() else f"exit code {code}"
+    return f"rank {rank} failed: {why}"
+
+
+def _start_ranks(reference: str, recipe_path: Path, exchange: Path, world_size: int) -> list[subprocess.Popen]:
+    port = free_port()
+    return [
+        subprocess.Popen([sys.executable, "-c", CHILD_ENTRY, reference, str(recipe_path), str(exchange)],
+                         env=_rank_env(rank, world_size, port))
+        for rank in range(world_size)
+    ]
+
+
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path) -> tuple[int, int] | None:
+    while any(p.poll() is None for p in procs) and not _failed_ranks(procs):
+        time.sleep(POLL_INTERVAL_S)
+    failed = _failed_ranks(procs)
+    return _root_cause(failed, exchange) if failed else None
+
+
+def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:
+    """Run dist.num_workers ranks as processes here; the first failing rank stops all the others."""
+    reference = worker_reference(worker_fn)
+    with tempfile.TemporaryDirectory(prefix="rtrain-launch-") as tmp, _sigterm_raises():
+        exchange = Path(tmp)
+        procs: list[subprocess.Popen] = []
+        try:
+            procs = _start_ranks(reference, recipe_path, exchange, recipe.dist.num_workers)
+            failure = _wait_all_or_first_failure(procs, exchange)
+            if failure:
+                raise LaunchError(_failure_message(*failure, exchange))
+        finally:
+            _terminate(procs)
+        summary_file = exchange / SUMMARY_FILE
+        return json.loads(summary_file.read_text()) if summary_file.exists() else {}

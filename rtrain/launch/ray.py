@@ -1,0 +1,117 @@
+"""The Ray launcher: a TorchTrainer on the cluster at dist.ray_address, else RAY_ADDRESS (which `ray job
+submit` sets for its entrypoint), else a Ray started here, with a dashboard so Ray Train's state polling works.
+
+Worker loss: with dist.max_failures >= 1 Ray restarts the whole worker group after a worker dies; each
+worker then resumes from the newest verified checkpoint (checkpoint.resume: auto), so the run finishes as if
+uninterrupted. With max_failures 0 the run stops with one line naming the rank that died.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rtrain.config import Recipe
+from rtrain.launch.workers import LaunchError, WorkerFn, python_path
+
+# Set by Ray for the entrypoint of a job submitted with `ray job submit`.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _connect_ray(recipe: Recipe) -> bool:
+    """Connect to (or start) Ray; True when this call did the ray.init and so owns the shutdown.
+
+    Outside a Ray job, workers get the driver's import path, so they import rtrain (and a --worker module)
+    from the same place; on a cluster that means the code sits on a filesystem every node mounts at the
+    same path. Inside a job, the job's runtime env (--working-dir, or rtrain installed on the nodes) does.
+    """
+    from rtrain.dist.ray_cluster import connect_or_start_ray
+
+    address = recipe.dist.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise LaunchError(
+            f"Ray address {address} is a job server (dashboard) URL, which takes jobs, not drivers: submit "
+            f"with `ray job submit --address {address} --working-dir . -- python -m rtrain.launch ...`, or set "
+            "RAY_ADDRESS to the cluster's GCS address (host:port) to drive it from this process")
+    in_job = JOB_CONFIG_ENV in os.environ
+    needed = recipe.dist.num_workers * recipe.dist.cpus_per_worker
+    runtime_env = None if in_job else {"env_vars": {"PYTHONPATH": python_path()}}
+    return connect_or_start_ray(recipe.dist.ray_address, num_cpus=max(os.cpu_count() or 1, needed),
+                                runtime_env=runtime_env)
+
+
+def _died(error: BaseException) -> bool:
+    """The worker process itself is gone (killed, out of memory, node lost), not an error it raised."""
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    return isinstance(error, (ActorDiedError, WorkerHealthCheckFailedError)) or isinstance(
+        error.__cause__, ActorDiedError)
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """A collective that failed because another rank went away: a consequence, not the cause."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text or (
+        "Connection reset by peer" in text or "Connection closed by peer" in text)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _ray_failure_message(exc: Exception, recipe: Recipe, max_failures: int) -> str:
+    """One line: the root cause (a rank whose process died beats the peers that lost it), what to do."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return f"Ray Train run {recipe.run.name!r} failed: {_first_line(exc)}"
+    died = sorted(rank for rank, error in failures.items() if _died(error))
+    if died:
+        cause = (f"rank {died[0]}'s worker process died (killed, out of memory or its node lost), "
+                 f"after {max_failures} restart(s) allowed by dist.max_failures")
+    else:
+        causes = [rank for rank, error in failures.items() if not _lost_a_peer(error)]
+        rank = min(causes or failures)
+        cause = f"rank {rank} failed: {_first_line(failures[rank])}"
+    return f"Ray Train run {recipe.run.name!r} failed: {cause}; {_resume_hint(recipe)}"
+
+
+def _resume_hint(recipe: Recipe) -> str:
+    from rtrain.checkpoint import CheckpointManager
+
+    saved = CheckpointManager(recipe.checkpoint_dir).list() if Path(recipe.checkpoint_dir).is_dir() else []
+    if not saved:
+        return "no checkpoint was saved yet"
+    return f"rerun the same command to resume from the newest verified checkpoint ({saved[0]})"
+
+
+def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> dict:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = recipe.dist
+    owns_ray = _connect_ray(recipe)
+    try:
+        trainer = TorchTrainer(
+            worker_fn,
+            train_loop_config={"recipe_yaml": recipe.to_yaml()},
+            scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                         resources_per_worker={"CPU": d.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            run_config=RunConfig(name=recipe.run.name, storage_path=str(recipe.run_dir.resolve() / "ray"),
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        raise LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    # Rank 0's return value is the summary; a worker that reports instead leaves it in result.metrics.
+    if isinstance(result.return_value, dict):
+        return result.return_value
+    return dict(result.metrics or {})

@@ -1,0 +1,61 @@
+"""Recipe preparation before any worker starts: names checked, paths made absolute, the resolved recipe
+written beside the run's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rtrain.config import Recipe, RecipeError, recipe_from_dict
+
+RESOLVED_RECIPE_NAME = "resolved_recipe.yaml"
+
+
+def check_model_name(recipe: Recipe) -> None:
+    from rtrain.models import list_models
+
+    known = list_models(include_generic=True)
+    if recipe.model.name not in known:
+        raise RecipeError(f"model.name={recipe.model.name!r}: not a registered model; "
+                          f"known: {', '.join(known)} (`rtrain models` lists them)")
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return str(path if Path(path).is_absolute() else base / path)
+
+
+def pin_paths(recipe: Recipe, base: Path) -> Recipe:
+    """A new recipe whose relative paths are absolute against `base`.
+
+    Ray Train workers run in their own working directory, so paths must mean the same everywhere.
+    """
+    from rtrain.tracking import TrackingError, resolve_tracking_uri
+
+    raw = recipe.model_dump(mode="json")
+    raw["run"]["output_root"] = _absolute(raw["run"]["output_root"], base)
+    raw["checkpoint"]["dir"] = _absolute(raw["checkpoint"]["dir"], base)
+    raw["data"]["source"] = _absolute(raw["data"]["source"], base)
+    raw["model"]["init_from"] = _absolute(raw["model"]["init_from"], base)
+    uri = raw["tracking"]["uri"]
+    if raw["tracking"]["enabled"] and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raw["tracking"]["uri"] = "sqlite:///" + str(base / uri[len("sqlite:///"):])
+    pinned = recipe_from_dict(raw, where="recipe (paths made absolute)")
+    if pinned.tracking.enabled:
+        try:
+            resolve_tracking_uri(pinned.tracking.uri)  # refuses the file store before any worker starts
+        except TrackingError as exc:
+            raise RecipeError(str(exc)) from None
+    return pinned
+
+
+def prepare_recipe(recipe: Recipe, base: Path | None = None) -> Recipe:
+    check_model_name(recipe)
+    return pin_paths(recipe, (base or Path.cwd()).resolve())
+
+
+def write_resolved_recipe(recipe: Recipe) -> Path:
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    path = recipe.run_dir / RESOLVED_RECIPE_NAME
+    path.write_text(recipe.to_yaml())
+    return path

@@ -1,0 +1,79 @@
+"""Shared pieces of the tests that run the real worker under Ray: CPU-scale quickstart overrides, reading
+back what a run left (checkpoint, MLflow run), and finding Ray Train's worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rtrain.checkpoint import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def quickstart_overrides(shards: Path, out: Path, name: str, max_steps: int, *extra: str) -> list[str]:
+    """The shipped quickstart at CPU-test scale: 2 workers on gloo, a checkpoint every 3 steps."""
+    return [f"data.source={shards}", f"run.output_root={out}", f"run.name={name}", "dist.launcher=ray",
+            f"train.max_steps={max_steps}", "checkpoint.every_steps=3", "checkpoint.keep=20",
+            "train.log_every_steps=3", "eval.every_epochs=100", f"tracking.uri=sqlite:///{out}/mlflow.db",
+            f"tracking.experiment={name}", *extra]
+
+
+def launch_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "rtrain.launch", "recipes/quickstart.yaml", *overrides]
+
+
+def checkpoint_steps(out: Path, name: str) -> list[int]:
+    folder = out / name / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*")) if folder.is_dir() else []
+
+
+def final_weights(out: Path, name: str, step: int) -> dict[str, torch.Tensor]:
+    loaded = CheckpointManager(out / name / "checkpoints", world_size=2).latest()  # verified
+    assert loaded is not None and loaded.step == step, f"newest verified checkpoint: {loaded and loaded.path}"
+    return loaded.shared["model"]
+
+
+def mlflow_runs(out: Path, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([found.experiment_id])
+
+
+def processes() -> list[tuple[int, int, str]]:
+    """(pid, ppid, command line) of every process."""
+    done = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True)
+    rows = []
+    for line in done.stdout.splitlines():
+        fields = line.split(None, 2)
+        rows.append((int(fields[0]), int(fields[1]), fields[2] if len(fields) > 2 else ""))
+    return rows
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train's worker actors (their DataLoader workers carry the same title, with an actor as parent)."""
+    rows = [(pid, ppid) for pid, ppid, args in processes() if args.startswith("ray::RayTrainWorker")]
+    actors = {pid for pid, _ in rows}
+    return sorted(pid for pid, ppid in rows if ppid not in actors)
+
+
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def pids_gone(pids: list[int]) -> bool:
+    alive = {pid for pid, _, args in processes() if "<defunct>" not in args}
+    return not (set(pids) & alive)

@@ -1,0 +1,99 @@
+"""Worker loss under Ray with the real worker: one Ray Train worker process SIGKILLed mid-epoch.
+
+With dist.max_failures=1 Ray restarts the worker group, which resumes from the newest verified checkpoint;
+the run finishes by itself with weights bit-identical to an uninterrupted run, a sample ledger holding every
+sample of the interrupted epoch exactly once (the same batches as the uninterrupted run), and one MLflow run.
+With max_failures=0 it stops with one line naming the dead rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from ray_runs import (
+    REPO,
+    checkpoint_steps,
+    final_weights,
+    launch_command,
+    mlflow_runs,
+    quickstart_overrides,
+    train_worker_pids,
+    wait_for,
+)
+
+from rtrain.data.ledger import ledger_path, read_ledger
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 16  # 1437 digits / global batch 128 = 11 steps per epoch: epoch 0 is interrupted, epoch 1 follows
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _run(shards, out, name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = launch_command(quickstart_overrides(shards, out, name, STEPS, "data.sample_ledger=true", *extra))
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=_env())
+
+
+def _run_and_kill_a_worker(shards, out, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Start the run, SIGKILL one Ray Train worker process once step 3's checkpoint exists (mid-epoch 0)."""
+    cmd = launch_command(quickstart_overrides(shards, out, name, STEPS, "data.sample_ledger=true", *extra))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
+        assert proc.poll() is None, "the run ended before a worker could be killed"
+        killed_after = max(checkpoint_steps(out, name))
+        victim = wait_for(lambda: train_worker_pids()[-1:], 60, "a Ray Train worker process")[0]
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=900)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    assert killed_after < 11, f"killed after step {killed_after}: not mid-epoch 0"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), killed_after
+
+
+def _ledger(out, name: str, rank: int) -> dict:
+    return read_ledger(ledger_path(out / name, rank))
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(digits_shards, tmp_path):
+    straight = _run(digits_shards, tmp_path, "straight")
+    assert straight.returncode == 0, straight.stderr[-5000:]
+
+    done, killed_after = _run_and_kill_a_worker(digits_shards, tmp_path, "lossy", "dist.max_failures=1")
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "resumed from" in done.stderr
+
+    expected, got = final_weights(tmp_path, "straight", STEPS), final_weights(tmp_path, "lossy", STEPS)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+    epoch0 = []
+    for rank in (0, 1):
+        resumed, reference = _ledger(tmp_path, "lossy", rank), _ledger(tmp_path, "straight", rank)
+        assert resumed == reference  # every batch, after the restart, holds what the straight run's held
+        epoch0 += [i for (epoch, _), ids in resumed.items() if epoch == 0 for i in ids]
+    assert len(epoch0) == len(set(epoch0)) == 11 * 128  # the interrupted epoch: each sample once
+    lines = ledger_path(tmp_path / "lossy", 0).read_text().splitlines()
+    assert len(lines) > len(_ledger(tmp_path, "lossy", 0))  # batches after step {killed_after} were redone
+
+    [run] = mlflow_runs(tmp_path, "lossy")  # one MLflow run across the restart
+    assert run.info.status == "FINISHED"
+
+
+def test_without_restarts_a_killed_worker_fails_the_run_in_one_line(digits_shards, tmp_path):
+    done, _ = _run_and_kill_a_worker(digits_shards, tmp_path, "fragile", "dist.max_failures=0")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("rtrain: Ray Train run 'fragile' failed: rank ")
+    assert "worker process died" in last and "dist.max_failures" in last
+    assert f"resume from the newest verified checkpoint ({tmp_path / 'fragile' / 'checkpoints'}" in last
