@@ -175,6 +175,18 @@ class CheckpointManager:
             )
         return Loaded(manifest["step"], path, shared, per_rank, meta, manifest["world_size"])
 
+    def per_rank_states_of(self, loaded: Loaded, rank: int) -> dict[str, Any]:
+        """Another rank's per-rank states of a loaded checkpoint (verified again), for a job on another world
+        size: a rank the checkpoint has no states for continues from a peer's loader position."""
+        if not 0 <= rank < loaded.world_size:
+            raise CheckpointError(f"{loaded.path}: written by {loaded.world_size} ranks, has no rank {rank}")
+        manifest = files.read_manifest(loaded.path)
+        folder = files.rank_dir_name(rank)
+        names = [name for name in manifest["files"] if name.rpartition("/")[0] == folder]
+        files.verify_files(loaded.path, {**manifest, "files": {n: manifest["files"][n] for n in names}})
+        return {name.rpartition("/")[2][: -len(STATE_SUFFIX)]: files.load_torch_file(loaded.path, name)
+                for name in names if name.endswith(STATE_SUFFIX)}
+
     def _prepare(self, step: int, shared: Any, per_rank: Any, meta: Any) -> SaveJob:
         """Runs in the caller's thread."""
         if type(step) is not int or step < 0:

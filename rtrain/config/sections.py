@@ -196,6 +196,9 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
     resume: str = Field("auto", description="auto = newest verified checkpoint if any; never; or a step-N path.")
+    preempt_grace_s: float = Field(
+        60.0, gt=0, description="After SIGTERM/SIGUSR1/SIGINT: how long the launcher waits for every rank to "
+        "stop at the next step and write its checkpoint before it kills them.")
 
 
 class TrackingConfig(Section):

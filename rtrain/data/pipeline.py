@@ -54,7 +54,7 @@ class ShardLoader:
         self._pool_key: tuple | None = None
         self._pool = np.zeros(0, dtype=np.int64)
         self._held_ahead = 0
-        self.ledger = SampleLedger(ledger) if ledger is not None else None  # see rtrain.data.ledger
+        self.ledger = SampleLedger(ledger, rank) if ledger is not None else None  # see rtrain.data.ledger
         if self.manifest.num_samples == 0 or self._geometry().batches_per_rank == 0:
             raise ValueError(
                 f"{self.source.location}: split {split!r} has {self.manifest.num_samples} samples, fewer than "
@@ -182,6 +182,10 @@ class EpochIterator:
         self.loader = loader
         loader._held_ahead = 0
         task = loader._task()
+        if loader.ledger is not None:
+            state = loader._state
+            loader.ledger.start(state.epoch, len(state.history), state.batches_done, state.history,
+                                loader.layout.world_size)
         self._items: Iterator = iter(())
         if task.batches_left > 0:
             cfg = loader.cfg
@@ -201,7 +205,7 @@ class EpochIterator:
                 state.stats[key] = state.stats.get(key, 0) + int(value)
             if images is not None:
                 if self.loader.ledger is not None:
-                    self.loader.ledger.record(state.epoch, state.batches_done, ids)
+                    self.loader.ledger.record(state.epoch, len(state.history), state.batches_done, ids)
                 state.batches_done += 1
                 return images, labels
 

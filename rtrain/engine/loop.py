@@ -62,6 +62,8 @@ class FitParts:
     state: TrainState = field(default_factory=TrainState)
     rank: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint (e.g. the resolved recipe)
+    # Called by every rank after every step; True (the same on all ranks) stops the run after a checkpoint.
+    should_stop: Callable[[], bool] | None = None
 
 
 def stateful_parts(parts: FitParts) -> list[stateful.Part]:
@@ -84,8 +86,8 @@ def checkpoint_payload(parts: FitParts) -> tuple[dict, dict, dict]:
     return shared, per_rank, meta
 
 
-def restore(parts: FitParts, shared: dict, per_rank: dict) -> None:
-    stateful.restore(stateful_parts(parts), shared, per_rank)
+def restore(parts: FitParts, shared: dict, per_rank: dict, skip: tuple[str, ...] = ()) -> None:
+    stateful.restore(stateful_parts(parts), shared, per_rank, skip)
 
 
 def _clock(seconds: float) -> str:
@@ -109,22 +111,25 @@ class _Fit:
         self.images_per_s = 0.0
         # A restored run already has its checkpoint at this step.
         self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
+        self.stopped = False
 
     def run(self) -> dict[str, Any]:
         p, state = self.p, self.p.state
         loader_epoch = p.train_loader.state_dict().get("epoch")
         if loader_epoch != state.epoch or state.step == 0:
             p.train_loader.set_epoch(state.epoch)
-        while state.step < p.total_steps:
+        while state.step < p.total_steps and not self.stopped:
             finished_epoch = self._run_epoch()
             if not finished_epoch:
                 break
             state.epoch += 1
-            if self._eval_due(state.epoch):
+            if self._eval_due(state.epoch) and not self.stopped:  # a stop has a grace period: no eval
                 self._evaluate()
             if p.checkpoint.every_steps is None:
                 self._save()
             p.train_loader.set_epoch(state.epoch)
+        if self.stopped:
+            return self._stop()
         if not self.last_eval or self.last_eval.get("step") != state.step:
             self._evaluate()
         self._save(final=True)
@@ -154,7 +159,17 @@ class _Fit:
             if state.step >= p.total_steps:
                 # Every epoch is exactly steps_per_epoch steps (equal batches on every rank).
                 return state.step % p.steps_per_epoch == 0
+            if p.should_stop is not None and p.should_stop():
+                self.stopped = True
+                return state.step % p.steps_per_epoch == 0
         return True
+
+    def _stop(self) -> dict[str, Any]:
+        """Every rank agreed to stop after this step: checkpoint it, synchronously, and report."""
+        self._save()
+        if self.p.checkpointer is not None:
+            self.p.checkpointer.wait()
+        return {**self._summary(), "preempted": True}
 
     def _check_finite(self, found_inf: bool) -> None:
         state = self.p.state

@@ -71,6 +71,15 @@ def _restore_cuda(cuda_states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(cuda_state, device_index)
 
 
+def reseed_rng(seed: int, step: int, rank: int) -> None:
+    """Fresh streams that are a pure function of (seed, step, rank): for a resume on another world size,
+    where the saved per-rank streams do not map onto the new ranks."""
+    derived = (seed * 1_000_003 + step * 65_537 + rank) % 2**32
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)  # also seeds every CUDA device
+
+
 class RngStreams:
     """The process-wide random streams as a Stateful (state_dict / load_state_dict) object."""
 

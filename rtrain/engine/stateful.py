@@ -63,10 +63,13 @@ def collect(parts: list[Part]) -> tuple[dict[str, Any], dict[str, Any]]:
     return shared, per_rank
 
 
-def restore(parts: list[Part], shared: dict[str, Any], per_rank: dict[str, Any]) -> None:
-    """Load every part from a checkpoint's states (the inverse of collect)."""
+def restore(parts: list[Part], shared: dict[str, Any], per_rank: dict[str, Any],
+            skip: tuple[str, ...] = ()) -> None:
+    """Load every part (but those named in `skip`) from a checkpoint's states (the inverse of collect)."""
     claimed = {part.name for part in parts if part.scope != "split"}
     for part in parts:
+        if part.name in skip:
+            continue
         if part.scope == "split":
             part.obj.load_state_dict(_split_state(part.name, shared, per_rank, claimed))
             continue

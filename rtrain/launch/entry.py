@@ -15,6 +15,7 @@ import sys
 
 from rtrain.config import Recipe, RecipeError, load_recipe
 from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
+from rtrain.launch.signals import exit_code_for
 from rtrain.launch.workers import LaunchError, WorkerFn, default_worker, load_worker_or_fail
 
 
@@ -63,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _print_closing(prepare_recipe(recipe), summary)
     print(json.dumps(summary, default=str, sort_keys=True))
+    if summary.get("preempted"):
+        print(f"rtrain: stopped by {summary.get('signal')} after step {summary.get('step')}: checkpoint "
+              f"{summary.get('checkpoint')}; rerun the same command to resume", file=sys.stderr, flush=True)
+        return exit_code_for(summary.get("signal"))
     return 0
 
 
 def _print_closing(recipe: Recipe, summary: dict) -> None:
     """What a person wants at the end of a run: how it went, where it is, how to look at it."""
-    if "step" not in summary:  # a custom --worker's summary
+    if "step" not in summary or summary.get("preempted"):  # a custom --worker's summary; a stopped run
         return
     top1 = summary.get("val_top1")
     result = f"val top-1 {top1:.4f} (best {summary.get('best_top1', 0):.4f})" if top1 is not None else "no eval"

@@ -1,22 +1,21 @@
 """The local launcher: dist.num_workers plain processes on this host with torchrun's environment variables.
-The first rank that fails stops all the others; SIGTERM to the launcher stops them too."""
+The first rank that fails stops all the others; a stop signal to the launcher makes them checkpoint and stop
+together (rtrain.launch.signals); the ranks die with the launcher, however it dies."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 from rtrain.config import Recipe
+from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
     LOOPBACK,
     LaunchError,
@@ -28,9 +27,22 @@ from rtrain.launch.workers import (
 )
 
 SUMMARY_FILE = "summary.json"
-TERMINATE_GRACE_S = 10.0
+TERMINATE_GRACE_S = 5.0  # after a rank failed: its peers are stuck in a broken collective
 POLL_INTERVAL_S = 0.2
 CHILD_ENTRY = "import sys; from rtrain.launch.local import rank_main; sys.exit(rank_main(sys.argv[1:]))"
+LAUNCHER_PID_ENV = "RTRAIN_LAUNCHER_PID"
+
+
+def _die_with_the_launcher(launcher_pid: int) -> None:
+    """SIGKILL this rank when the launcher dies, however it dies (Linux PR_SET_PDEATHSIG): a rank must never
+    train on as an orphan, writing checkpoints into a folder a restarted job uses."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher_pid:  # it died before the line above took effect
+        os._exit(1)
 
 
 def rank_main(argv: list[str]) -> int:
@@ -38,6 +50,7 @@ def rank_main(argv: list[str]) -> int:
     reference, recipe_path, exchange_dir = argv
     rank = int(os.environ["RANK"])
     exchange = Path(exchange_dir)
+    _die_with_the_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     try:
         result = load_worker(reference)({"recipe_yaml": Path(recipe_path).read_text()})
         if rank == 0:
@@ -55,6 +68,7 @@ def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0", GROUP_RANK="0",
                MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), PYTHONPATH=python_path())
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     # As torchrun does: without a cap every rank starts one thread per core and they fight over the cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     return env
@@ -71,23 +85,6 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
             time.sleep(POLL_INTERVAL_S)
     for proc in procs:
         proc.wait()
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While ranks run, SIGTERM to the launcher (scancel, kill) unwinds it so the ranks are stopped too."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise LaunchError("launcher received SIGTERM; stopping all ranks")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _failed_ranks(procs: list[subprocess.Popen]) -> list[tuple[int, int]]:
@@ -113,14 +110,19 @@ def _failure_message(rank: int, code: int, exchange: Path) -> str:
 def _start_ranks(reference: str, recipe_path: Path, exchange: Path, world_size: int) -> list[subprocess.Popen]:
     port = free_port()
     return [
+        # Own sessions: Ctrl-C in a terminal reaches the launcher only, which asks the ranks to stop in step.
         subprocess.Popen([sys.executable, "-c", CHILD_ENTRY, reference, str(recipe_path), str(exchange)],
-                         env=_rank_env(rank, world_size, port))
+                         env=_rank_env(rank, world_size, port), start_new_session=True)
         for rank in range(world_size)
     ]
 
 
-def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path) -> tuple[int, int] | None:
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path,
+                               stop: LauncherSignals) -> tuple[int, int] | None:
     while any(p.poll() is None for p in procs) and not _failed_ranks(procs):
+        if stop.grace_expired:
+            raise LaunchError(f"after {stop.received} the ranks did not checkpoint within "
+                              f"checkpoint.preempt_grace_s={stop.grace_s:g} s; they were killed")
         time.sleep(POLL_INTERVAL_S)
     failed = _failed_ranks(procs)
     return _root_cause(failed, exchange) if failed else None
@@ -129,12 +131,13 @@ def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path) ->
 def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:
     """Run dist.num_workers ranks as processes here; the first failing rank stops all the others."""
     reference = worker_reference(worker_fn)
-    with tempfile.TemporaryDirectory(prefix="rtrain-launch-") as tmp, _sigterm_raises():
+    signals = LauncherSignals(recipe.run_dir, recipe.checkpoint.preempt_grace_s)
+    with tempfile.TemporaryDirectory(prefix="rtrain-launch-") as tmp, signals.installed() as stop:
         exchange = Path(tmp)
         procs: list[subprocess.Popen] = []
         try:
             procs = _start_ranks(reference, recipe_path, exchange, recipe.dist.num_workers)
-            failure = _wait_all_or_first_failure(procs, exchange)
+            failure = _wait_all_or_first_failure(procs, exchange, stop)
             if failure:
                 raise LaunchError(_failure_message(*failure, exchange))
         finally:

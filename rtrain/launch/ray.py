@@ -8,10 +8,15 @@ uninterrupted. With max_failures 0 the run stops with one line naming the rank t
 
 from __future__ import annotations
 
+import _thread
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rtrain.config import Recipe
+from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import LaunchError, WorkerFn, python_path
 
 # Set by Ray for the entrypoint of a job submitted with `ray job submit`.
@@ -88,6 +93,25 @@ def _resume_hint(recipe: Recipe) -> str:
     return f"rerun the same command to resume from the newest verified checkpoint ({saved[0]})"
 
 
+@contextmanager
+def _grace_watchdog(signals: LauncherSignals) -> Iterator[None]:
+    """trainer.fit() blocks the main thread: once a stop's grace period is over, interrupt it."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if signals.grace_expired:
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, name="rtrain-grace-watchdog", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> dict:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -95,6 +119,8 @@ def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> di
 
     d = recipe.dist
     owns_ray = _connect_ray(recipe)
+    # After ray.init, which installs handlers of its own: a stop signal now asks the workers to checkpoint.
+    signals = LauncherSignals(recipe.run_dir, recipe.checkpoint.preempt_grace_s)
     try:
         trainer = TorchTrainer(
             worker_fn,
@@ -105,9 +131,13 @@ def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> di
             run_config=RunConfig(name=recipe.run.name, storage_path=str(recipe.run_dir.resolve() / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
-        result = trainer.fit()
+        with signals.installed(), _grace_watchdog(signals):
+            result = trainer.fit()
     except TrainingFailedError as exc:
         raise LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
+    except KeyboardInterrupt:  # raised by the watchdog: the grace period ran out
+        raise LaunchError(f"after {signals.received} the workers did not checkpoint within "
+                          f"checkpoint.preempt_grace_s={signals.grace_s:g} s; they were stopped") from None
     finally:
         if owns_ray:
             ray.shutdown()

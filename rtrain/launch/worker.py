@@ -19,12 +19,15 @@ from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader
 from rtrain.data.ledger import ledger_path
+from rtrain.dist.agree import StepAgreement
 from rtrain.dist.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.dist.factory import backend_from_config, place_model
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluate
 from rtrain.engine.loop import FitParts, fit, restore
+from rtrain.engine.rng import reseed_rng
 from rtrain.engine.step import Normalizer, TrainStep
+from rtrain.launch.signals import RankStopWatch
 from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
@@ -50,6 +53,7 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     normalizer = Normalizer(data.mean, data.std, device, data.channels_last)
     manager = CheckpointManager(recipe.checkpoint_dir, keep=recipe.checkpoint.keep, rank=rank,
                                 world_size=world, async_save=recipe.checkpoint.async_save)
+    stop_watch = RankStopWatch(recipe.run_dir, StepAgreement())
     parts = FitParts(
         train=train, precision=recipe.precision, evaluation=recipe.eval, checkpoint=recipe.checkpoint,
         backend=backend, train_loader=train_loader, evaluate=_eval_fn(recipe, rank, world, normalizer),
@@ -57,11 +61,10 @@ def _train(recipe: Recipe) -> dict[str, Any]:
                              label_smoothing=train.label_smoothing),
         schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch, checkpointer=manager,
         rank=rank, ema=ModelEMA(model, train.ema_decay) if train.ema_decay else None,
-        meta={"recipe_yaml": recipe.to_yaml()})
+        meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested)
     loaded = _resume(recipe, manager)
     if loaded is not None:
-        restore(parts, loaded.shared, loaded.per_rank)
-        log.info("rank %d resumed from %s at step %d", rank, loaded.path, parts.state.step)
+        _restore(parts, loaded, manager, recipe.run.seed)
     parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None)
     try:
         summary = fit(parts)
@@ -71,7 +74,24 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     finally:
         manager.close()
         backend.close()
-    return _report(summary if rank == 0 else {}, parts, manager, world)
+    if summary.get("preempted"):
+        summary["signal"] = stop_watch.signal_name or "SIGTERM"
+    return _report(summary if rank == 0 else {}, parts, manager, world, preempted=bool(summary.get("preempted")))
+
+
+def _restore(parts: FitParts, loaded: Loaded, manager: CheckpointManager, seed: int) -> None:
+    """Same world size: every state, bit-identical continuation. Another world size (elastic): shared states,
+    the loader position of a peer (the loader replans the rest of the epoch: each sample still once), and
+    RNG streams derived afresh from (seed, step, rank)."""
+    rank, world = parts.rank, manager.world_size
+    if loaded.world_size == world:
+        restore(parts, loaded.shared, loaded.per_rank)
+    else:
+        per_rank = loaded.per_rank or manager.per_rank_states_of(loaded, rank % loaded.world_size)
+        restore(parts, loaded.shared, per_rank, skip=("rng",))
+        reseed_rng(seed, parts.state.step, rank)
+    log.info("rank %d resumed from %s at step %d%s", rank, loaded.path, parts.state.step,
+             "" if loaded.world_size == world else f" (written by {loaded.world_size} ranks, now {world})")
 
 
 def _steps_per_epoch(recipe: Recipe, train_loader: Any) -> int:
@@ -108,14 +128,16 @@ def _resume(recipe: Recipe, manager: CheckpointManager) -> Loaded | None:
     return manager.load(choice)
 
 
-def _report(summary: dict[str, Any], parts: FitParts, manager: CheckpointManager, world: int) -> dict[str, Any]:
-    """Rank 0's summary, with where the run's last checkpoint and MLflow run are; the run marked finished."""
+def _report(summary: dict[str, Any], parts: FitParts, manager: CheckpointManager, world: int,
+            preempted: bool = False) -> dict[str, Any]:
+    """Rank 0's summary, with where the run's last checkpoint and MLflow run are; the MLflow run closed
+    (KILLED when a signal stopped it: it continues when the run is resumed)."""
     if summary:
         saved = manager.list()
         summary.update(checkpoint=str(saved[0]) if saved else None,
                        run_id=getattr(parts.tracker, "run_id", None), world_size=world,
                        total_steps=parts.total_steps)
-    parts.tracker.finish("FINISHED")
+    parts.tracker.finish("KILLED" if preempted else "FINISHED")
     return summary
 
 

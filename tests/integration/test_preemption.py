@@ -1,0 +1,144 @@
+"""Preemption with the real worker, 2 ranks on gloo: a stop signal to the launcher mid-epoch makes every rank
+stop after the same step and checkpoint it; the launcher exits with the documented code; rerunning the same
+command finishes bit-identical to an uninterrupted run, with one MLflow run. Also: Ctrl-C, a launcher that is
+SIGKILLed (nothing outlives it), and resuming on another world size (each sample of the epoch once)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from ray_runs import (
+    REPO,
+    checkpoint_steps,
+    final_weights,
+    launch_command,
+    mlflow_runs,
+    pids_gone,
+    processes,
+    quickstart_overrides,
+    wait_for,
+)
+
+from rtrain.data.ledger import epoch_samples, read_ledger
+from rtrain.launch.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 14  # 11 steps per epoch: a stop at step 3..10 is mid-epoch 0
+
+
+def _cmd(shards, out, name: str, launcher: str, *extra: str) -> list[str]:
+    return launch_command(quickstart_overrides(shards, out, name, STEPS, f"dist.launcher={launcher}",
+                                               "data.sample_ledger=true", *extra))
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=_env())
+    assert done.returncode == 0, done.stderr[-5000:]
+    return done
+
+
+def _descendants(root: int) -> list[int]:
+    rows = processes()
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid, _ in rows if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _start_and_signal(cmd, out, name: str, signum: int, *, group: bool = False):
+    """Start the run, send `signum` once its first checkpoint exists; return (result, pids before the signal)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        pids = _descendants(proc.pid)
+        (os.killpg if group else os.kill)(proc.pid, signum)  # a terminal's Ctrl-C reaches the whole group
+        stdout, stderr = proc.communicate(timeout=300)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), pids
+
+
+def _check_stopped(done, pids, out, name: str, code: int, signal_name: str) -> int:
+    assert done.returncode == code, done.stderr[-5000:]
+    last = done.stderr.strip().splitlines()[-1]
+    stopped_at = max(checkpoint_steps(out, name))
+    assert last == (f"rtrain: stopped by {signal_name} after step {stopped_at}: checkpoint "
+                    f"{out / name / 'checkpoints' / f'step-{stopped_at:09d}'}; rerun the same command to resume")
+    assert stopped_at < 11
+    assert final_weights(out, name, stopped_at)  # complete and verified
+    wait_for(lambda: pids_gone(pids), 30, f"processes {pids} to end")
+    [run] = mlflow_runs(out, name)
+    assert run.info.status == "KILLED"
+    return stopped_at
+
+
+@pytest.mark.parametrize("launcher,signum", [("local", signal.SIGTERM), ("ray", signal.SIGUSR1)])
+def test_signal_checkpoint_rerun_is_bit_identical(digits_shards, tmp_path, launcher, signum):
+    _run(_cmd(digits_shards, tmp_path, "straight", launcher))
+    cmd = _cmd(digits_shards, tmp_path, "stopped", launcher)
+    done, pids = _start_and_signal(cmd, tmp_path, "stopped", signum)
+    _check_stopped(done, pids, tmp_path, "stopped", EXIT_PREEMPTED, signal.Signals(signum).name)
+
+    resumed = _run(cmd)
+    assert "resumed from" in resumed.stderr
+    expected, got = final_weights(tmp_path, "straight", STEPS), final_weights(tmp_path, "stopped", STEPS)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert read_ledger(tmp_path / "stopped" / "ledger") == read_ledger(tmp_path / "straight" / "ledger")
+    [run] = mlflow_runs(tmp_path, "stopped")
+    assert run.info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(digits_shards, tmp_path):
+    cmd = _cmd(digits_shards, tmp_path, "ctrlc", "local")
+    done, pids = _start_and_signal(cmd, tmp_path, "ctrlc", signal.SIGINT, group=True)
+    _check_stopped(done, pids, tmp_path, "ctrlc", EXIT_INTERRUPTED, "SIGINT")
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+
+
+def test_a_sigkilled_local_launcher_takes_its_ranks_with_it(digits_shards, tmp_path):
+    cmd = _cmd(digits_shards, tmp_path, "orphans", "local", "train.max_steps=5000")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: checkpoint_steps(tmp_path, "orphans"), 600, "the first checkpoint")
+        pids = _descendants(proc.pid)
+        assert len(pids) >= 4  # 2 ranks and their loader workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: pids_gone(pids), 15, f"the launcher's processes {pids} to end")
+        saved = checkpoint_steps(tmp_path, "orphans")
+        time.sleep(5)
+        assert checkpoint_steps(tmp_path, "orphans") == saved  # nobody trains on into the folder
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_each_sample_once(digits_shards, tmp_path, before, after):
+    name = f"elastic-{before}-{after}"
+    cmd = _cmd(digits_shards, tmp_path, name, "local", f"dist.num_workers={before}")
+    done, pids = _start_and_signal(cmd, tmp_path, name, signal.SIGTERM)
+    _check_stopped(done, pids, tmp_path, name, EXIT_PREEMPTED, "SIGTERM")
+    resumed = _run(_cmd(digits_shards, tmp_path, name, "local", f"dist.num_workers={after}"))
+    assert f"(written by {before} ranks, now {after})" in resumed.stderr
+    assert final_weights(tmp_path, name, STEPS)
+    seen = epoch_samples(read_ledger(tmp_path / name / "ledger"), 0)
+    assert len(seen) == len(set(seen)) == 11 * 128
