@@ -36,15 +36,6 @@ class Part:
     optional: bool = False  # a checkpoint without it still restores (the part keeps its fresh state)
 
 
-def check_version(state: Any, where: str, supported: tuple[int, ...]) -> int:
-    """The state's version, if this code reads it; otherwise a StateError naming the part."""
-    version = state.get("version") if isinstance(state, dict) else None
-    if version not in supported:
-        found = version if isinstance(state, dict) else type(state).__qualname__
-        raise StateError(f"{where} state: version {found!r}, this rtrain reads {list(supported)}")
-    return version
-
-
 def collect(parts: list[Part]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(shared, per_rank) states of every part, ready for a checkpoint."""
     shared: dict[str, Any] = {}
