@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"rtrain: {exc}", file=sys.stderr)
         return 1
+    if summary.get("rank", 0) != 0:  # another node's share of a multi-node local launch: node 0 reports
+        return exit_code_for(summary.get("signal")) if summary.get("preempted") else 0
     _print_closing(prepare_recipe(recipe), summary)
     print(json.dumps(summary, default=str, sort_keys=True))
     if summary.get("preempted"):

@@ -1,6 +1,11 @@
 """The local launcher: dist.num_workers plain processes on this host with torchrun's environment variables.
 The first rank that fails stops all the others; a stop signal to the launcher makes them checkpoint and stop
-together (rtrain.launch.signals); the ranks die with the launcher, however it dies."""
+together (rtrain.launch.signals); the ranks die with the launcher, however it dies.
+
+Several nodes, torchrun-style (`cluster/slurm/rtrain-srun.sbatch` runs one launcher per node): with
+RTRAIN_NNODES=N, RTRAIN_NODE_RANK=i, MASTER_ADDR and MASTER_PORT set, this launcher starts ranks
+i*W/N .. (i+1)*W/N - 1 of W = dist.num_workers, all meeting at MASTER_ADDR:MASTER_PORT.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from rtrain.config import Recipe
@@ -31,6 +37,46 @@ TERMINATE_GRACE_S = 5.0  # after a rank failed: its peers are stuck in a broken 
 POLL_INTERVAL_S = 0.2
 CHILD_ENTRY = "import sys; from rtrain.launch.local import rank_main; sys.exit(rank_main(sys.argv[1:]))"
 LAUNCHER_PID_ENV = "RTRAIN_LAUNCHER_PID"
+NNODES_ENV, NODE_RANK_ENV = "RTRAIN_NNODES", "RTRAIN_NODE_RANK"
+
+
+@dataclass(frozen=True)
+class NodeSlot:
+    """Which ranks this launcher starts and where they all meet."""
+    world_size: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def local_world_size(self) -> int:
+        return self.world_size // self.nnodes
+
+    @property
+    def first_rank(self) -> int:
+        return self.node_rank * self.local_world_size
+
+
+def _env_int(name: str) -> int:
+    text = os.environ.get(name, "")
+    if not text.isdigit():
+        raise LaunchError(f"{name}={text!r} must be a non-negative integer (several nodes: set {NNODES_ENV}, "
+                          f"{NODE_RANK_ENV}, MASTER_ADDR, MASTER_PORT)")
+    return int(text)
+
+
+def node_slot(world_size: int) -> NodeSlot:
+    """One node (this host, a free port) unless RTRAIN_NNODES > 1 says otherwise."""
+    nnodes = _env_int(NNODES_ENV) if os.environ.get(NNODES_ENV) else 1
+    if nnodes <= 1:
+        return NodeSlot(world_size, 1, 0, LOOPBACK, free_port())
+    node_rank, master_port = _env_int(NODE_RANK_ENV), _env_int("MASTER_PORT")
+    if world_size % nnodes or node_rank >= nnodes or not os.environ.get("MASTER_ADDR"):
+        raise LaunchError(f"dist.num_workers={world_size} over {NNODES_ENV}={nnodes} nodes (this is node "
+                          f"{node_rank}, MASTER_ADDR={os.environ.get('MASTER_ADDR')!r}): the workers must split "
+                          "evenly over the nodes and the node rank be below the node count")
+    return NodeSlot(world_size, nnodes, node_rank, os.environ["MASTER_ADDR"], master_port)
 
 
 def _die_with_the_launcher(launcher_pid: int) -> None:
@@ -46,14 +92,15 @@ def _die_with_the_launcher(launcher_pid: int) -> None:
 
 
 def rank_main(argv: list[str]) -> int:
-    """Entry point of one local rank: run the worker, rank 0 writes its summary, failures write an error file."""
+    """Entry point of one local rank: run the worker, local rank 0 writes its summary, failures write an
+    error file."""
     reference, recipe_path, exchange_dir = argv
     rank = int(os.environ["RANK"])
     exchange = Path(exchange_dir)
     _die_with_the_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     try:
         result = load_worker(reference)({"recipe_yaml": Path(recipe_path).read_text()})
-        if rank == 0:
+        if int(os.environ["LOCAL_RANK"]) == 0:  # this node's first rank speaks for the node
             summary = result if isinstance(result, dict) else {"result": result}
             (exchange / SUMMARY_FILE).write_text(json.dumps(summary, default=str))
         return 0
@@ -63,14 +110,15 @@ def rank_main(argv: list[str]) -> int:
         return 1
 
 
-def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+def _rank_env(local_rank: int, slot: NodeSlot) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0", GROUP_RANK="0",
-               MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), PYTHONPATH=python_path())
+    env.update(RANK=str(slot.first_rank + local_rank), WORLD_SIZE=str(slot.world_size), LOCAL_RANK=str(local_rank),
+               LOCAL_WORLD_SIZE=str(slot.local_world_size), NODE_RANK=str(slot.node_rank),
+               GROUP_RANK=str(slot.node_rank), MASTER_ADDR=slot.master_addr, MASTER_PORT=str(slot.master_port),
+               PYTHONPATH=python_path())
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     # As torchrun does: without a cap every rank starts one thread per core and they fight over the cores.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // slot.local_world_size)))
     return env
 
 
@@ -87,8 +135,9 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def _failed_ranks(procs: list[subprocess.Popen]) -> list[tuple[int, int]]:
-    return [(rank, proc.poll()) for rank, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+def _failed_ranks(procs: list[subprocess.Popen], first_rank: int = 0) -> list[tuple[int, int]]:
+    """(global rank, exit code) of the ranks here that failed."""
+    return [(first_rank + i, proc.poll()) for i, proc in enumerate(procs) if proc.poll() not in (None, 0)]
 
 
 def _root_cause(failed: list[tuple[int, int]], exchange: Path) -> tuple[int, int]:
@@ -107,37 +156,37 @@ def _failure_message(rank: int, code: int, exchange: Path) -> str:
     return f"rank {rank} failed: {why}"
 
 
-def _start_ranks(reference: str, recipe_path: Path, exchange: Path, world_size: int) -> list[subprocess.Popen]:
-    port = free_port()
+def _start_ranks(reference: str, recipe_path: Path, exchange: Path, slot: NodeSlot) -> list[subprocess.Popen]:
     return [
         # Own sessions: Ctrl-C in a terminal reaches the launcher only, which asks the ranks to stop in step.
         subprocess.Popen([sys.executable, "-c", CHILD_ENTRY, reference, str(recipe_path), str(exchange)],
-                         env=_rank_env(rank, world_size, port), start_new_session=True)
-        for rank in range(world_size)
+                         env=_rank_env(local_rank, slot), start_new_session=True)
+        for local_rank in range(slot.local_world_size)
     ]
 
 
-def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path,
-                               stop: LauncherSignals) -> tuple[int, int] | None:
+def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path, stop: LauncherSignals,
+                               first_rank: int) -> tuple[int, int] | None:
     while any(p.poll() is None for p in procs) and not _failed_ranks(procs):
         if stop.grace_expired:
             raise LaunchError(f"after {stop.received} the ranks did not checkpoint within "
                               f"checkpoint.preempt_grace_s={stop.grace_s:g} s; they were killed")
         time.sleep(POLL_INTERVAL_S)
-    failed = _failed_ranks(procs)
+    failed = _failed_ranks(procs, first_rank)
     return _root_cause(failed, exchange) if failed else None
 
 
 def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:
     """Run dist.num_workers ranks as processes here; the first failing rank stops all the others."""
     reference = worker_reference(worker_fn)
+    slot = node_slot(recipe.dist.num_workers)
     signals = LauncherSignals(recipe.run_dir, recipe.checkpoint.preempt_grace_s)
     with tempfile.TemporaryDirectory(prefix="rtrain-launch-") as tmp, signals.installed() as stop:
         exchange = Path(tmp)
         procs: list[subprocess.Popen] = []
         try:
-            procs = _start_ranks(reference, recipe_path, exchange, recipe.dist.num_workers)
-            failure = _wait_all_or_first_failure(procs, exchange, stop)
+            procs = _start_ranks(reference, recipe_path, exchange, slot)
+            failure = _wait_all_or_first_failure(procs, exchange, stop, slot.first_rank)
             if failure:
                 raise LaunchError(_failure_message(*failure, exchange))
         finally:

@@ -12,10 +12,11 @@ import _thread
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rtrain.config import Recipe
+from rtrain.launch.reaper import guarded
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import LaunchError, WorkerFn, python_path
 
@@ -113,6 +114,14 @@ def _grace_watchdog(signals: LauncherSignals) -> Iterator[None]:
 
 
 def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> dict:
+    import ray
+
+    starts_ray = not ray.is_initialized() and not (recipe.dist.ray_address or os.environ.get("RAY_ADDRESS"))
+    with guarded() if starts_ray else nullcontext():  # a SIGKILLed launcher must not leave its Ray behind
+        return _launch_ray(recipe, worker_fn, max_failures)
+
+
+def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer

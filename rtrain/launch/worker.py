@@ -76,7 +76,9 @@ def _train(recipe: Recipe) -> dict[str, Any]:
         backend.close()
     if summary.get("preempted"):
         summary["signal"] = stop_watch.signal_name or "SIGTERM"
-    return _report(summary if rank == 0 else {}, parts, manager, world, preempted=bool(summary.get("preempted")))
+    # Every rank returns its summary (a multi-node local launch hears how the run ended from its first
+    # rank); launchers print rank 0's.
+    return _report({**summary, "rank": rank}, parts, manager, world, preempted=bool(summary.get("preempted")))
 
 
 def _restore(parts: FitParts, loaded: Loaded, manager: CheckpointManager, seed: int) -> None:
@@ -130,13 +132,11 @@ def _resume(recipe: Recipe, manager: CheckpointManager) -> Loaded | None:
 
 def _report(summary: dict[str, Any], parts: FitParts, manager: CheckpointManager, world: int,
             preempted: bool = False) -> dict[str, Any]:
-    """Rank 0's summary, with where the run's last checkpoint and MLflow run are; the MLflow run closed
+    """The summary, with where the run's last checkpoint and MLflow run are; the MLflow run closed
     (KILLED when a signal stopped it: it continues when the run is resumed)."""
-    if summary:
-        saved = manager.list()
-        summary.update(checkpoint=str(saved[0]) if saved else None,
-                       run_id=getattr(parts.tracker, "run_id", None), world_size=world,
-                       total_steps=parts.total_steps)
+    saved = manager.list()
+    summary.update(checkpoint=str(saved[0]) if saved else None, run_id=getattr(parts.tracker, "run_id", None),
+                   world_size=world, total_steps=parts.total_steps)
     parts.tracker.finish("KILLED" if preempted else "FINISHED")
     return summary
 

@@ -49,7 +49,7 @@ def mlflow_runs(out: Path, experiment: str) -> list:
 
 def processes() -> list[tuple[int, int, str]]:
     """(pid, ppid, command line) of every process."""
-    done = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True)
+    done = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True)
     rows = []
     for line in done.stdout.splitlines():
         fields = line.split(None, 2)

@@ -112,14 +112,20 @@ def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(digits_shards, tmp_path):
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
 
 
-def test_a_sigkilled_local_launcher_takes_its_ranks_with_it(digits_shards, tmp_path):
-    cmd = _cmd(digits_shards, tmp_path, "orphans", "local", "train.max_steps=5000")
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_a_sigkilled_launcher_takes_its_processes_with_it(digits_shards, tmp_path, launcher):
+    """Local: the ranks and their loader workers. Ray: also the Ray it started (GCS, raylet, dashboard and
+    its agents, which Ray itself would leave behind) and the workers."""
+    cmd = _cmd(digits_shards, tmp_path, "orphans", launcher, "train.max_steps=5000")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                             start_new_session=True)
     try:
         wait_for(lambda: checkpoint_steps(tmp_path, "orphans"), 600, "the first checkpoint")
         pids = _descendants(proc.pid)
         assert len(pids) >= 4  # 2 ranks and their loader workers
+        if launcher == "ray":
+            titles = {args for pid, _, args in processes() if pid in pids}
+            assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= titles
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         wait_for(lambda: pids_gone(pids), 15, f"the launcher's processes {pids} to end")

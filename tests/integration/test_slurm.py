@@ -1,0 +1,172 @@
+"""SLURM for real: slurmctld and two slurmd "nodes" on this host (cluster/local/slurm.py), the shipped sbatch
+scripts, the real worker. A run across both nodes on Ray; USR1 -> checkpoint -> requeue -> resume, ending
+bit-identical to the uninterrupted run; scancel leaves no process; the srun variant without Ray.
+
+SLURM is installed with apt when missing (Debian packages, root); where that cannot be done the tests skip
+with the reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ray_runs import REPO, checkpoint_steps, final_weights, mlflow_runs, pids_gone, processes, quickstart_overrides, wait_for
+
+from cluster.local.slurm import missing_commands, start_slurm, stop_slurm
+from rtrain.data.ledger import read_ledger
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 14  # 11 steps per epoch at 2 workers: a stop at step 3..10 is mid-epoch 0
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+def _install_reason() -> str | None:
+    """Install SLURM if it is missing; the reason it cannot be, else None."""
+    if not missing_commands():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"SLURM is not installed ({', '.join(missing_commands())} missing) and apt-get as root is unavailable"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"],
+                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        if done.returncode != 0:
+            return f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()[-400:]}"
+    return f"still missing after apt-get: {missing_commands()}" if missing_commands() else None
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = _install_reason()
+    if reason:
+        warnings.warn(f"SLURM TESTS SKIPPED: {reason}")
+        pytest.skip(f"SLURM tests skipped: {reason}")
+    cluster = start_slurm(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    stop_slurm(cluster)
+
+
+def _env(slurm) -> dict[str, str]:
+    env = {k: v for k, v in slurm.env.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # sbatch passes it on
+    return env
+
+
+def _overrides(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    chosen = quickstart_overrides(shards, out, name, STEPS, "data.sample_ledger=true", *extra)
+    return [item for item in chosen if not item.startswith("dist.launcher=")]  # each script picks its own
+
+
+def _sbatch(slurm, script: str, out: Path, overrides: list[str], **env: str) -> int:
+    done = subprocess.run(["sbatch", "--parsable", "-N", "2", f"--output={out}/job-%j.out", f"--chdir={REPO}",
+                           f"cluster/slurm/{script}", "recipes/quickstart.yaml", *overrides],
+                          cwd=REPO, env={**_env(slurm), **env}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip().split(";")[0])
+
+
+def _job(slurm, job: int) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=slurm.env, capture_output=True,
+                           text=True, timeout=30).stdout
+    return dict(item.split("=", 1) for item in shown.split() if "=" in item)
+
+
+def _wait_state(slurm, job: int, states: set[str], timeout_s: float = 600) -> dict[str, str]:
+    return wait_for(lambda: (info := _job(slurm, job)).get("JobState") in states and info, timeout_s,
+                    f"job {job} to reach {states}", poll_s=1.0)
+
+
+def _log(out: Path, job: int) -> str:
+    return (out / f"job-{job}.out").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def straight(slurm, digits_shards, tmp_path_factory):
+    """The uninterrupted run across both nodes on Ray: the reference the other tests compare against."""
+    out = tmp_path_factory.mktemp("straight")
+    job = _sbatch(slurm, "rtrain.sbatch", out, _overrides(digits_shards, out, "straight"))
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    return out, job, info
+
+
+def _job_processes(job: int) -> list[int]:
+    return [pid for pid, _, args in processes() if f"rtrain-ray-{job}-" in args]
+
+
+def test_sbatch_runs_a_recipe_on_ray_across_two_nodes(straight):
+    out, job, info = straight
+    log = _log(out, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert f"Ray cluster at 127.0.0.1:{20000 + job % 10000} has 2 node(s)" in log
+    assert "dist.launcher=ray dist.num_workers=2" in log  # the worker count comes from the allocation
+    assert final_weights(out, "straight", STEPS)  # verified
+    [run] = mlflow_runs(out, "straight")
+    assert run.info.status == "FINISHED"
+    assert not _job_processes(job)  # Ray's daemons ended with the job
+
+
+def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, straight, digits_shards, tmp_path):
+    job = _sbatch(slurm, "rtrain.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "requeued"))
+    wait_for(lambda: checkpoint_steps(tmp_path, "requeued"), 600, "the first checkpoint")
+    subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
+    info = wait_for(lambda: (i := _job(slurm, job)).get("Restarts") == "1" and i["JobState"] == "PENDING" and i,
+                    300, "the requeue")
+    stopped_at = max(checkpoint_steps(tmp_path, "requeued"))
+    assert stopped_at < 11, info
+    log = _log(tmp_path, job)
+    assert f"rtrain: stopped by SIGUSR1 after step {stopped_at}" in log
+    assert f"requeueing job {job}" in log
+    [run] = mlflow_runs(tmp_path, "requeued")
+    assert run.info.status == "KILLED"
+
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "restart 1" in log and "resumed from" in log
+    straight_out = straight[0]
+    expected, got = final_weights(straight_out, "straight", STEPS), final_weights(tmp_path, "requeued", STEPS)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert read_ledger(tmp_path / "requeued" / "ledger") == read_ledger(straight_out / "straight" / "ledger")
+    [run] = mlflow_runs(tmp_path, "requeued")  # the same MLflow run, continued
+    assert run.info.status == "FINISHED"
+
+
+def test_scancel_leaves_no_process_behind(slurm, digits_shards, tmp_path):
+    before = {pid for pid, _, _ in processes()}
+    job = _sbatch(slurm, "rtrain.sbatch", tmp_path,
+                  _overrides(digits_shards, tmp_path, "cancelled", "train.max_steps=5000"))
+    wait_for(lambda: checkpoint_steps(tmp_path, "cancelled"), 600, "the first checkpoint")
+    started = [pid for pid, _, args in processes()
+               if pid not in before and ("ray" in args or "rtrain" in args or "slurmstepd" in args)]
+    assert _job_processes(job) and len(started) >= 6, [a[:120] for p, _, a in processes() if p in started]
+    subprocess.run(["scancel", str(job)], env=slurm.env, check=True, timeout=30)
+    _wait_state(slurm, job, {"CANCELLED"}, timeout_s=120)
+    wait_for(lambda: pids_gone(started), 60, f"the job's processes {started} to end")
+    saved = checkpoint_steps(tmp_path, "cancelled")
+    time.sleep(3)
+    assert checkpoint_steps(tmp_path, "cancelled") == saved
+
+
+def test_srun_variant_trains_across_two_nodes_without_ray(slurm, straight, digits_shards, tmp_path):
+    # One thread per rank, as Ray gives each 1-CPU worker: the same float summation order as the Ray run.
+    job = _sbatch(slurm, "rtrain-srun.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "srun"),
+                  OMP_NUM_THREADS="1")
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "via the local launcher" in log and "Ray cluster" not in log
+    assert log.count("rtrain: finished 'srun'") == 1  # node 0 reports for the run
+    # Two ranks, one per node, meeting over TCP: the same math as two Ray workers.
+    expected, got = final_weights(straight[0], "straight", STEPS), final_weights(tmp_path, "srun", STEPS)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    [run] = mlflow_runs(tmp_path, "srun")
+    assert run.info.status == "FINISHED"
