@@ -148,3 +148,14 @@ def test_export_refuses_a_cifar_model_by_name(tmp_path, capsys):
     assert err == ["rtrain: cannot export to torchvision: cifar_resnet20: no torchvision weight layout: "
                    "CIFAR ResNets have no torchvision equivalent"]
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_shared_only_load_reads_no_per_rank_state_and_does_not_warn(tmp_path, caplog):
+    with CheckpointManager(tmp_path, world_size=1) as manager:
+        manager.save(1, {"model": {"w": torch.ones(2)}}, per_rank={"rng": {"seed": torch.zeros(1)}})
+    reader = CheckpointManager(tmp_path, world_size=4)
+    with caplog.at_level("WARNING", logger="rtrain.checkpoint"):
+        loaded = reader.latest(shared_only=True)
+    assert loaded.per_rank == {} and torch.equal(loaded.shared["model"]["w"], torch.ones(2))
+    assert not caplog.records
+    assert list(reader.load(loaded.path).per_rank) == ["rng"]  # without shared_only: rank 0's own states
