@@ -42,7 +42,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _evaluate(source: CheckpointModel, args: argparse.Namespace) -> dict[str, Any]:
     recipe = source.recipe
+    if recipe.data.backend != "webdataset":
+        print(f"rtrain eval: data.backend={recipe.data.backend} is a training loader; reading with rtrain's "
+              "webdataset loader", file=sys.stderr)
     data = recipe.data.model_copy(update={"source": args.data or recipe.data.source, "backend": "webdataset"})
+    if args.mode == "ten_crop" and data.eval_resize < data.image_size:
+        raise CommandError(f"ten_crop: data.eval_resize={data.eval_resize} is smaller than the crop "
+                           f"data.image_size={data.image_size}")
     try:
         manifest = ShardSource(data.source, data.val_split).read_manifest()
     except (FileNotFoundError, OSError, ValueError) as exc:
