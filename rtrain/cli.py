@@ -1,7 +1,9 @@
-"""`rtrain` console script: launch | validate | models | ...
+"""`rtrain` console script: launch | validate | models | eval | export
 
 Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
-does not pay for Ray or MLflow imports.
+does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
+(a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
+`rtrain: ...` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -43,6 +45,44 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return launch_main([args.recipe, *args.overrides])
 
 
+def _run_checkpoint_command(run, args: argparse.Namespace) -> int:
+    from rtrain.checkpoint import CheckpointError
+    from rtrain.commands.checkpoint_source import CommandError
+    from rtrain.config import RecipeError
+    from rtrain.data import DecodeError, SampleError, ShardError
+
+    try:
+        return run(args)
+    except (CommandError, CheckpointError, RecipeError, ShardError, SampleError, DecodeError, OSError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the exception held
+        print(f"rtrain: {message}", file=sys.stderr)
+        return 2
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rtrain.commands import evaluate_checkpoint
+
+    return _run_checkpoint_command(evaluate_checkpoint.run, args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rtrain.commands import export_checkpoint
+
+    return _run_checkpoint_command(export_checkpoint.run, args)
+
+
+def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
+    from rtrain.commands.arguments import add_eval_arguments, add_export_arguments  # imports no torch
+
+    p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint on the val split (center, 10-crop, "
+                       "multi-scale)")
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("export", help="a checkpoint's weights as a torchvision state dict")
+    add_export_arguments(p)
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtrain", description="Distributed ResNet training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
         p.set_defaults(func=func)
+    _add_checkpoint_commands(sub)
     return parser
 
 

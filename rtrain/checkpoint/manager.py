@@ -130,12 +130,12 @@ class CheckpointManager:
                 found.append((int(match.group(1)), entry))
         return [path for _, path in sorted(found, reverse=True)]
 
-    def latest(self) -> Loaded | None:
+    def latest(self, shared_only: bool = False) -> Loaded | None:
         """Newest checkpoint that verifies, falling back to older ones past damaged ones."""
         skipped = []
         for path in self.list():
             try:
-                loaded = self.load(path)
+                loaded = self.load(path, shared_only=shared_only)
             except CheckpointError as error:
                 logger.warning("skipping checkpoint %s: %s", path, error)
                 skipped.append(path.name)
@@ -149,8 +149,9 @@ class CheckpointManager:
             logger.info("no checkpoint in %s", self.root)
         return None
 
-    def load(self, path: str | os.PathLike) -> Loaded:
-        """Verify every file against the manifest, then load shared states and this rank's own."""
+    def load(self, path: str | os.PathLike, shared_only: bool = False) -> Loaded:
+        """Verify every file against the manifest, then load shared states and this rank's own (none with
+        `shared_only`: a reader of the weights, e.g. `rtrain eval`, on any world size)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -164,11 +165,12 @@ class CheckpointManager:
         per_rank: dict[str, Any] = {}
         for name in manifest["files"]:
             folder, _, file_name = name.rpartition("/")
-            if file_name.endswith(STATE_SUFFIX) and folder in (SHARED_DIR, own_dir):
+            wanted = (SHARED_DIR,) if shared_only else (SHARED_DIR, own_dir)
+            if file_name.endswith(STATE_SUFFIX) and folder in wanted:
                 states = shared if folder == SHARED_DIR else per_rank
                 states[file_name[: -len(STATE_SUFFIX)]] = files.load_torch_file(path, name)
         meta = files.read_meta(path, manifest)
-        if manifest["world_size"] != self.world_size:
+        if manifest["world_size"] != self.world_size and not shared_only:
             logger.warning(
                 "%s was written by %d ranks, this job has %d: rank %d gets %s per-rank states",
                 path, manifest["world_size"], self.world_size, self.rank, "its" if per_rank else "no",

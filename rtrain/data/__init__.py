@@ -7,7 +7,8 @@
 Modules: format (shard/manifest contract, shared with data_prep), sources (local or http(s) shards),
 shardread (tar members -> samples), plan (who reads what, in which order), state (resumable position),
 transforms (crop geometry), decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers),
-pipeline (ShardLoader), prefetch (device copies one batch ahead), dali (optional GPU backend).
+pipeline (ShardLoader), whole (uncropped val images for multi-scale testing), prefetch (device copies one
+batch ahead), dali (optional GPU backend).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rtrain.data.decode import DecodeError
 from rtrain.data.pipeline import ShardLoader
 from rtrain.data.prefetch import DevicePrefetcher
 from rtrain.data.sources import ShardError
+from rtrain.data.whole import WholeImageLoader
 from rtrain.data.worker import SampleError
 
 
@@ -36,4 +38,22 @@ def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size
                        train=train, ledger=ledger)
 
 
-__all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "build_loader"]
+def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size: int, batch_size: int, seed: int,
+                      scales: list[int] | tuple[int, ...] = ()) -> Any:
+    """The input of one of the paper's testing modes (rtrain.engine.evaluate): `center` gets the eval
+    transform's view; `ten_crop` the center square at `eval_resize`, from which the engine cuts the 10 crops;
+    `multi_scale` whole images (WholeImageLoader), decoded at a reduced scale down to the largest of `scales`."""
+    if mode == "multi_scale":
+        if not scales:
+            raise ValueError("multi_scale evaluation needs its scales (shorter sides), got none")
+        return WholeImageLoader(cfg, split, rank=rank, world_size=world_size, batch_size=batch_size,
+                                min_shorter_side=max(scales))
+    if mode not in ("center", "ten_crop"):
+        raise ValueError(f"unknown eval mode {mode!r}; known: center, ten_crop, multi_scale")
+    view_cfg = cfg if mode == "center" else cfg.model_copy(update={"image_size": cfg.eval_resize})
+    return build_loader(view_cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+                        train=False)
+
+
+__all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "WholeImageLoader",
+           "build_eval_loader", "build_loader"]

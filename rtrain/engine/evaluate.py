@@ -1,11 +1,17 @@
-"""Evaluation: top-1 / top-5 over the whole split, summed across ranks.
+"""Evaluation: top-1 / top-5 accuracy and error over the whole split, summed across ranks.
 
-Modes (the paper's testing):
-- center: one center crop per image (the loader's eval transform);
-- ten_crop: the loader delivers a center square at `eval_resize`; the four corners and the center at
-  `crop` and their mirrors are scored and the softmax averaged (Caffe's 10-crop, as in the paper);
-- multi_scale: the square is resized to each of `scales` and the fully-convolutional network's softmax is
-  averaged over scales (the paper's Table 4 testing, on the center square rather than the full image).
+Modes (the paper's testing; the views themselves are eval_views.py):
+- center: one view per image, as the loader delivers it (resize + center crop, or the CIFAR image);
+- ten_crop: the four corner and the center `crop` patches of the loader's `eval_resize` square and their
+  mirrors;
+- multi_scale: fully-convolutional: the whole image at each of `scales` (shorter side) and its mirror. The
+  batches are (list of uint8 (3, H, W) whole images, labels) from rtrain.data's WholeImageLoader; a uint8
+  (N, 3, H, W) tensor batch is taken as N whole (e.g. square) images.
+
+Class scores: the softmax posteriors of an image's views are averaged (Caffe's 10-crop and VGG's multi-scale
+testing, which the paper follows, average posteriors). Within one fully-convolutional view the network's
+global average pool averages the class scores over positions, the same as averaging the fc's score map,
+because the fc is linear. The loss is the NLL of the averaged posteriors.
 """
 
 from __future__ import annotations
@@ -18,55 +24,70 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtrain.config import PrecisionConfig
+from rtrain.engine.eval_views import PAPER_SCALES, groups_by_size, resize_whole, ten_crops
 from rtrain.engine.precision import autocast
 from rtrain.engine.step import Normalizer
 
-
-def ten_crops(x: torch.Tensor, crop: int) -> list[torch.Tensor]:
-    h, w = x.shape[-2:]
-    if h < crop or w < crop:
-        raise ValueError(f"10-crop of {crop} px needs images at least that large, got {h}x{w}")
-    tops = (0, 0, h - crop, h - crop, (h - crop) // 2)
-    lefts = (0, w - crop, 0, w - crop, (w - crop) // 2)
-    crops = [x[..., t:t + crop, l:l + crop] for t, l in zip(tops, lefts)]
-    return crops + [c.flip(-1) for c in crops]
+EVAL_MODES = ("center", "ten_crop", "multi_scale")
 
 
-def _views(x: torch.Tensor, mode: str, crop: int, scales: list[int]) -> list[torch.Tensor]:
-    if mode == "center":
-        return [x]
-    if mode == "ten_crop":
-        return ten_crops(x, crop)
-    if mode == "multi_scale":
-        return [F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-                for s in scales]
-    raise ValueError(f"unknown eval mode {mode!r}; known: center, ten_crop, multi_scale")
+class ViewScorer:
+    """Averaged softmax posteriors of an image batch's views under one mode."""
+
+    def __init__(self, model: nn.Module, normalize: Normalizer, precision: PrecisionConfig, mode: str,
+                 crop: int, scales: list[int] | None):
+        if mode not in EVAL_MODES:
+            raise ValueError(f"unknown eval mode {mode!r}; known: {', '.join(EVAL_MODES)}")
+        self.model, self.normalize, self.precision = model, normalize, precision
+        self.mode, self.crop = mode, crop
+        self.scales = list(scales or PAPER_SCALES)
+
+    def posteriors(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.precision, self.normalize.device):
+            logits = self.model(x)
+        return logits.float().softmax(dim=1)
+
+    def __call__(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if self.mode == "multi_scale":
+            return self._multi_scale(list(images))
+        x = self.normalize(images)
+        if self.mode == "center":
+            return self.posteriors(x)
+        views = ten_crops(x, self.crop)
+        return torch.stack([self.posteriors(view) for view in views]).mean(dim=0)
+
+    def _multi_scale(self, images: list[torch.Tensor]) -> torch.Tensor:
+        wholes = [self.normalize(image.unsqueeze(0))[0] for image in images]
+        total: torch.Tensor | None = None
+        for scale in self.scales:
+            for size, indices in groups_by_size(wholes, scale).items():
+                x = torch.stack([resize_whole(wholes[i], size) for i in indices])
+                x = x.contiguous(memory_format=self.normalize.memory_format)
+                scores = self.posteriors(x) + self.posteriors(x.flip(-1))
+                if total is None:
+                    total = scores.new_zeros((len(wholes), scores.shape[1]))
+                total[indices] += scores
+        if total is None:
+            raise ValueError("multi_scale evaluation got an empty batch")
+        return total / (2 * len(self.scales))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, normalize: Normalizer, precision: PrecisionConfig, *,
              mode: str = "center", crop: int = 224, scales: list[int] | None = None) -> dict[str, float]:
-    """Returns {"top1", "top5", "loss", "samples"} over every rank's share of the split."""
+    """{"top1", "top5" (accuracies), "top1_error", "top5_error", "loss", "samples"} over every rank's share of
+    the split. `scales` (multi_scale) defaults to the paper's 224, 256, 384, 480, 640."""
     device = normalize.device
+    score = ViewScorer(model, normalize, precision, mode, crop, scales)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
     try:
         for images, labels in batches:
-            x = normalize(images)
-            y = labels.to(device, non_blocking=True)
-            probs = torch.zeros((), device=device)
-            views = _views(x, mode, crop, scales or [])
-            for view in views:
-                with autocast(precision, device):
-                    logits = model(view)
-                probs = probs + logits.float().softmax(dim=1)
-            probs = probs / len(views)
-            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-            hits = top5 == y[:, None]
-            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                 F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum"),
-                                 torch.tensor(len(y), device=device)]).double()
+            if len(labels) == 0:
+                continue
+            probs = score(images)
+            sums += _batch_sums(probs, labels.to(device, non_blocking=True))
     finally:
         model.train(was_training)
     if dist.is_available() and dist.is_initialized():
@@ -74,4 +95,14 @@ def evaluate(model: nn.Module, batches: Iterable, normalize: Normalizer, precisi
     correct1, correct5, loss_sum, count = sums.tolist()
     if count == 0:
         raise RuntimeError("evaluation saw no samples: is the val split empty?")
-    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "samples": count}
+    top1, top5 = correct1 / count, correct5 / count
+    return {"top1": top1, "top5": top5, "top1_error": 1.0 - top1, "top5_error": 1.0 - top5,
+            "loss": loss_sum / count, "samples": count}
+
+
+def _batch_sums(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum")
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), nll,
+                        torch.tensor(len(labels), device=probs.device)]).double()

@@ -1,0 +1,42 @@
+"""Command-line arguments of `rtrain eval` and `rtrain export`. Imports nothing heavy, so building the parser
+(`rtrain models`, `rtrain --help`) does not pay for torch; tests check the constants against their owners
+(rtrain.engine.evaluate.EVAL_MODES, rtrain.engine.eval_views.PAPER_SCALES, rtrain.models.export)."""
+
+from __future__ import annotations
+
+import argparse
+
+EVAL_MODES = ("center", "ten_crop", "multi_scale")
+PAPER_SCALES = (224, 256, 384, 480, 640)
+EXPORT_FORMATS = ("torchvision",)
+CHECKPOINT_HELP = "a step-N/ checkpoint folder, or a run directory (its newest verified checkpoint)"
+
+
+def parse_scales(text: str) -> list[int]:
+    try:
+        scales = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive shorter sides like 224,256,384")
+    return scales
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    parser.add_argument("--data", help="shard root holding <val split>/manifest.json (default: the recipe's "
+                        "data.source)")
+    parser.add_argument("--mode", choices=EVAL_MODES, default="center")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: eval.batch_size, "
+                        "else the training micro-batch)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--scales", type=parse_scales, help="multi_scale: shorter sides, comma-separated "
+                        f"(default: eval.scales, else the paper's {','.join(map(str, PAPER_SCALES))})")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser.add_argument("--backbone-only", action="store_true",
+                        help="without fc and num_batches_tracked: the body of torchvision's detection backbones")
+    parser.add_argument("--out", required=True, help="the state dict file to write (torch.save)")
