@@ -145,8 +145,8 @@ def decode_cls(raw: bytes) -> int:
     return int(raw.decode("ascii").strip())
 
 
-def decode_label(raw: bytes, keys: SampleKeys, classes: dict[str, int]) -> int:
-    """The class index in a label member; ValueError (one line) when it is not one."""
+def label_value(raw: bytes, keys: SampleKeys) -> int | str:
+    """The label as written in its member: a class index or a class name; ValueError (one line) otherwise."""
     if keys.label.endswith("json"):
         try:
             record = json.loads(raw)
@@ -160,13 +160,21 @@ def decode_label(raw: bytes, keys: SampleKeys, classes: dict[str, int]) -> int:
             value = raw.decode("ascii").strip()
         except UnicodeDecodeError as exc:
             raise ValueError(f"{raw[:20]!r} is not ASCII") from exc
-    if isinstance(value, str) and value in classes:
-        return classes[value]
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int | str) and not isinstance(value, bool) and value != "":
         return value
-    raise ValueError(f"{str(value)[:40]!r} is neither a class index nor a known class name")
+    raise ValueError(f"{str(value)[:40]!r} is neither a class index nor a class name")
+
+
+def decode_label(raw: bytes, keys: SampleKeys, classes: dict[str, int]) -> int:
+    """The class index in a label member (a class name is looked up in `classes`); ValueError otherwise."""
+    value = label_value(raw, keys)
+    if isinstance(value, int):
+        return value
+    if value not in classes:
+        raise ValueError(f"class name {value[:40]!r} is not in the manifest's classes")
+    return classes[value]
 
 
 def resolve_shard_root(manifest_dir: str, shard_root: str | None) -> str:
