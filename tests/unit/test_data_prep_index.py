@@ -16,6 +16,7 @@ from wds_samples import (assert_labels_match_images, read_epoch, write_with_shar
                          write_with_tarwriter)
 
 from data_prep.index import main as index_main
+from data_prep.verify import verify_split
 from rtrain.data.format import Manifest, SampleKeys, sha256_file
 
 
@@ -55,6 +56,7 @@ def test_other_key_names_in_a_read_only_mirror(tmp_path: Path, style: str, keys:
     labels, levels = read_epoch(small_cfg(tmp_path / "idx"), split="val")
     assert sorted(labels) == list(range(13))
     assert_labels_match_images(labels, levels)
+    assert verify_split(tmp_path / "idx" / "val") == []  # data_prep.verify re-checks against the same keys
 
 
 def test_classes_file_of_wnids_and_relative_shard_root(tmp_path: Path) -> None:
