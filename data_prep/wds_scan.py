@@ -99,13 +99,16 @@ def detect_keys(location: str, image: str, label: str, label_field: str,
         raise ValueError(f"{location}: no samples to detect the image/label keys from")
     key, _, seen = first
     if image == "auto":
-        image = next((k for k in IMAGE_KEYS if k in seen), None) or _undetected(location, key, "image", IMAGE_KEYS, seen)
+        image = _first_present(location, key, "image", IMAGE_KEYS, seen)
     if label == "auto":
-        label = next((k for k in LABEL_KEYS if k in seen), None) or _undetected(location, key, "label", LABEL_KEYS, seen)
+        label = _first_present(location, key, "label", LABEL_KEYS, seen)
     return SampleKeys(image, label, label_field if label.endswith("json") else None)
 
 
-def _undetected(location: str, key: str, what: str, candidates: tuple[str, ...], seen: list[str]) -> str:
+def _first_present(location: str, key: str, what: str, candidates: tuple[str, ...], seen: list[str]) -> str:
+    for candidate in candidates:
+        if candidate in seen:
+            return candidate
     raise ValueError(f"{location}: sample {key!r} has no {what} member (looked for {', '.join(candidates)}; "
                      f"found {', '.join(seen) or 'nothing'}): name it with --{what}-key")
 

@@ -5,9 +5,10 @@
     for images, labels in DevicePrefetcher(iter(loader), device): ...
 
 Modules: format (shard/manifest contract, shared with data_prep), sources (a split's manifest and shards),
-stores (byte streams: files, http(s), s3:// and other fsspec URLs, with retries), shardread (tar members -> samples), plan (who reads what, in which order), state (resumable position),
-transforms (crop geometry), decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers),
-pipeline (ShardLoader), prefetch (device copies one batch ahead), dali (optional GPU backend).
+stores (byte streams: files, http(s), s3:// and other fsspec URLs, with retries), shardread (tar members ->
+samples), plan (who reads what, in which order), state (resumable position), transforms (crop geometry),
+decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers), pipeline (ShardLoader), prefetch
+(device copies one batch ahead), dali (optional GPU backend).
 """
 
 from __future__ import annotations

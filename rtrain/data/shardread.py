@@ -44,8 +44,9 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_
                    fields: tuple[str, ...] = SAMPLE_FIELDS) -> Iterator[tuple[int, RawSample | ShardDamage]]:
     """Yield (position, sample) for every wanted position, in shard order.
 
-    Only the members named in `fields` (extensions) are read. A wanted position that the tar does not deliver (truncated or short shard, unreadable member) is
-    yielded as (position, ShardDamage) after the readable ones, so a consumer never waits for it.
+    Only the members named in `fields` (extensions) are read. A wanted position that the tar does not deliver
+    (truncated or short shard, unreadable member) is yielded as (position, ShardDamage) after the readable
+    ones, so a consumer never waits for it.
     """
     pending = set(wanted)
     last = max(wanted) if wanted else -1

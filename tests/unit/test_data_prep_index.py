@@ -82,7 +82,8 @@ def _only_problem(capsys) -> str:
 
 @pytest.mark.parametrize("fault,style,message", [
     ("corrupt", "png_json", r"sample 'png_json00004': image does not decode: .* \(key png\)$"),
-    ("corrupt", "jpeg_clstxt", r"sample 'jpeg_clstxt00004': image does not decode: (corrupt|truncated) JPEG .*\(key jpeg\)$"),
+    ("corrupt", "jpeg_clstxt",
+     r"sample 'jpeg_clstxt00004': image does not decode: (corrupt|truncated) JPEG .*\(key jpeg\)$"),
     ("no_label", "png_json", r"sample 'png_json00004': no json member \(key json\)$"),
 ])
 def test_bad_sample_is_one_line_naming_shard_and_key(tmp_path: Path, capsys, fault, style, message) -> None:
