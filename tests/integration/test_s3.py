@@ -19,6 +19,7 @@ from test_loader_fixtures import small_cfg, write_split
 from wds_samples import assert_labels_match_images, read_epoch, write_with_tarwriter
 
 from data_prep.index import main as index_main
+from data_prep.storage import upload_output
 from rtrain.data import ShardError, build_loader
 from rtrain.data.format import Manifest
 
@@ -129,3 +130,21 @@ def test_two_rank_training_run_reads_its_shards_from_s3(digits_in_s3, tmp_path: 
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 4 and summary["samples_seen"] == 4 * 128, summary
     assert [p.name for p in tmp_path.rglob("step-*") if p.is_dir()] == ["step-000000004"]
+
+
+def _modified(client, bucket: str, prefix: str) -> dict:
+    return {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+
+
+def test_upload_rerun_sends_only_what_is_missing(s3: S3Server, digits_in_s3) -> None:
+    stage, _ = digits_in_s3
+    client = s3.client()
+    upload_output(stage, s3.url("again"))
+    client.delete_object(Bucket=s3.bucket, Key="again/train/train-000002.tar")  # an interrupted upload
+    before = _modified(client, s3.bucket, "again/")
+    upload_output(stage, s3.url("again"))
+    after = _modified(client, s3.bucket, "again/")
+    assert set(after) - set(before) == {"again/train/train-000002.tar"}
+    assert all(after[k] == before[k] for k in before if k.endswith(".tar"))
+    assert Manifest.loads(client.get_object(Bucket=s3.bucket, Key="again/val/manifest.json")["Body"].read().decode()) \
+        == Manifest.load(stage / "val" / "manifest.json")
