@@ -14,13 +14,20 @@ Samples are shuffled globally by seed before sharding; the same input and option
 shards. Rerunning after an interruption reuses every finished shard that verifies (data_prep.shards).
 On a cluster: ``ray job submit --working-dir . -- python -m data_prep.imagenet ...`` with SRC and OUT on a
 shared filesystem.
+
+OUT may be an object-store URL (``s3://bucket/prefix``; endpoint and credentials from the AWS_* environment):
+the shards are then built in a local staging folder (``--stage DIR``, resumable; default a temporary folder
+removed after the upload) and uploaded when every split is complete, each split's manifest last
+(data_prep.storage).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from data_prep.build import BuildOptions, JobRunner, SplitReport, SplitSource, build_split
@@ -29,7 +36,9 @@ from data_prep.parallel import ShardWriteError, ray_session, run_shard_jobs
 from data_prep.plan import ShardSize, SourceFile, file_key
 from data_prep.quirks import JPEG_CHECKS, ImageOptions
 from data_prep.report import format_summary
+from data_prep.storage import upload_output
 from rtrain.data.format import QuarantinedFile
+from rtrain.data.stores import ShardError, is_remote
 
 SPLITS = ("train", "val")
 STRAY_REASON = "outside class folders (not an input of any class)"
@@ -138,7 +147,10 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep.imagenet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, required=True, help="folder holding train/ and/or val/")
-    parser.add_argument("--out", type=Path, required=True, help="output folder: OUT/train, OUT/val")
+    parser.add_argument("--out", type=_out_location, required=True,
+                        help="output folder (OUT/train, OUT/val), or an object-store URL such as s3://bucket/prefix")
+    parser.add_argument("--stage", type=Path, default=None,
+                        help="with a URL --out: local folder to build in before the upload (kept, resumable)")
     parser.add_argument("--splits", default=None, help="comma list (default: those of train,val present)")
     parser.add_argument("--val-ground-truth", type=Path, default=None, help="labels for a flat val/")
     parser.add_argument("--val-ground-truth-format", choices=GROUND_TRUTH_FORMATS, default="auto")
@@ -155,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _out_location(text: str) -> Path | str:
+    return text.rstrip("/") if is_remote(text) else Path(text)
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -179,10 +195,25 @@ def run(args: argparse.Namespace, run_jobs: JobRunner | None = None) -> list[Spl
         return [build_split(s, classes, src_root, args.out.resolve(), options, run_shard_jobs) for s in sources]
 
 
+def run_to_store(args: argparse.Namespace, run_jobs: JobRunner | None = None) -> list[SplitReport]:
+    """Build into the staging folder, then upload it to the URL in ``args.out``."""
+    url = args.out
+    stage = args.stage or Path(tempfile.mkdtemp(prefix="data_prep-stage-"))
+    reports = run(argparse.Namespace(**{**vars(args), "out": stage}), run_jobs)
+    try:
+        upload_output(stage, url)
+    except (OSError, ShardError) as exc:
+        raise ValueError(f"upload of {stage} to {url} failed ({' '.join(str(exc).split())}); rerun to resume"
+                         + ("" if args.stage else " (pass --stage DIR to keep the built shards)")) from exc
+    if args.stage is None:
+        shutil.rmtree(stage, ignore_errors=True)
+    return reports
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        reports = run(args)
+        reports = run_to_store(args) if isinstance(args.out, str) else run(args)
     except (ValueError, ShardWriteError) as exc:
         print(f"data_prep.imagenet: error: {exc}", file=sys.stderr)
         return 2

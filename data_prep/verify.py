@@ -6,7 +6,9 @@ OUT is a data_prep output (holding train/, val/, ...) or one split folder. For e
 sha256 as in the manifest, a well-formed tar whose samples each have exactly ``jpg`` and ``cls``, the
 manifest's sample count, keys unique within the split, ``cls`` a valid class index, and every ``jpg``
 decoding completely (the same 1/8-scale decode as data_prep, which catches truncation). Exits 1 naming
-each bad shard, 0 when everything verifies.
+each bad shard, 0 when everything verifies. Manifests of data_prep.index (other image/label keys, shards in
+another local folder) are checked the same way against their keys, where extra members are allowed; shards
+in an object store are re-checked by running data_prep.index again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from pathlib import Path
 
 from data_prep.quirks import jpeg_decode_error
 from data_prep.shards import iter_samples
-from rtrain.data.format import MANIFEST_NAME, SAMPLE_FIELDS, Manifest, ShardEntry, decode_cls, sha256_file
+from data_prep.wds_scan import image_error
+from rtrain.data.format import (MANIFEST_NAME, Manifest, SampleKeys, ShardEntry, decode_label, resolve_shard_root,
+                                sha256_file)
+from rtrain.data.stores import is_remote
 
 MAX_PROBLEMS_PER_SHARD = 5
 
@@ -31,23 +36,26 @@ class ShardCheck:
     keys: tuple[str, ...]
 
 
-def _sample_problems(key: str, fields: dict[str, bytes], num_classes: int) -> list[str]:
-    if sorted(fields) != sorted(SAMPLE_FIELDS):
-        return [f"sample {key}: fields {sorted(fields)}, expected {sorted(SAMPLE_FIELDS)}"]
+def _sample_problems(key: str, fields: dict[str, bytes], classes: dict[str, int], keys: SampleKeys) -> list[str]:
+    own = keys == SampleKeys()  # data_prep's own shards hold exactly jpg + cls
+    if (own and sorted(fields) != sorted(keys.fields)) or not set(keys.fields) <= set(fields):
+        return [f"sample {key}: fields {sorted(fields)}, expected {sorted(keys.fields)}"]
     problems = []
     try:
-        cls = decode_cls(fields["cls"])
-        if not 0 <= cls < num_classes:
-            problems.append(f"sample {key}: cls {cls} outside 0..{num_classes - 1}")
-    except (ValueError, UnicodeDecodeError):
-        problems.append(f"sample {key}: cls {fields['cls'][:20]!r} is not an integer")
-    error = jpeg_decode_error(fields["jpg"]) if fields["jpg"] else "empty jpg"
+        cls = decode_label(fields[keys.label], keys, classes)
+        if not 0 <= cls < len(classes):
+            problems.append(f"sample {key}: {keys.label} {cls} outside 0..{len(classes) - 1}")
+    except ValueError as exc:
+        problems.append(f"sample {key}: {keys.label} {fields[keys.label][:20]!r} is not a label ({exc})")
+    image = fields[keys.image]
+    error = (jpeg_decode_error(image) if own else image_error(image, "decode")) if image else f"empty {keys.image}"
     if error is not None:
-        problems.append(f"sample {key}: jpg does not decode: {error}")
+        problems.append(f"sample {key}: {keys.image} does not decode: {error}")
     return problems
 
 
-def check_shard(path: Path, entry: ShardEntry, num_classes: int) -> ShardCheck:
+def check_shard(path: Path, entry: ShardEntry, classes: dict[str, int],
+                sample_keys: SampleKeys = SampleKeys()) -> ShardCheck:
     if not path.is_file():
         return ShardCheck(str(path), ("missing",), ())
     problems = []
@@ -61,7 +69,7 @@ def check_shard(path: Path, entry: ShardEntry, num_classes: int) -> ShardCheck:
     try:
         for key, fields in iter_samples(path):
             keys.append(key)
-            problems.extend(_sample_problems(key, fields, num_classes))
+            problems.extend(_sample_problems(key, fields, classes, sample_keys))
     except ValueError as exc:
         problems.append(str(exc))
     if len(set(keys)) != len(keys):
@@ -73,7 +81,7 @@ def check_shard(path: Path, entry: ShardEntry, num_classes: int) -> ShardCheck:
     return ShardCheck(str(path), tuple(problems), tuple(keys))
 
 
-def _check_args(args: tuple[Path, ShardEntry, int]) -> ShardCheck:
+def _check_args(args: tuple[Path, ShardEntry, dict[str, int], SampleKeys]) -> ShardCheck:
     return check_shard(*args)
 
 
@@ -89,7 +97,10 @@ def split_dirs(out: Path) -> list[Path]:
 def verify_split(split_dir: Path, workers: int = 1) -> list[str]:
     """Problems as ``'<shard path>: <problem>'`` lines; empty when the split verifies."""
     manifest = Manifest.load(split_dir / MANIFEST_NAME)
-    tasks = [(split_dir / entry.name, entry, manifest.num_classes) for entry in manifest.shards]
+    root = resolve_shard_root(str(split_dir), manifest.shard_root)
+    if is_remote(root):
+        raise ValueError(f"{split_dir}: its shards are at {root}; re-check them with python -m data_prep.index")
+    tasks = [(Path(root) / entry.name, entry, manifest.classes, manifest.keys) for entry in manifest.shards]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             checks = list(pool.map(_check_args, tasks))

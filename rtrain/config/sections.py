@@ -41,8 +41,13 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("data/digits-shards", description="Shard root (local path or http(s):// URL prefix) "
-                        "holding <split>/manifest.json and <split>-NNNNNN.tar.")
+    source: str = Field("data/digits-shards", description="Shard root (local path, http(s):// URL prefix, or an "
+                        "fsspec URL such as s3://bucket/prefix) holding <split>/manifest.json (the shards are "
+                        "beside it unless the manifest names a shard_root).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for s3:// and other fsspec sources, passed as is "
+        "(e.g. {endpoint_url: http://minio:9000} or {anon: true}). Credentials and the endpoint normally come from "
+        "the standard AWS_* environment variables; keep secrets out of recipes (the recipe is logged to MLflow).")
     train_split: str = Field("train", description="Split folder used for training.")
     val_split: str = Field("val", description="Split folder used for evaluation.")
     num_workers: int = Field(2, ge=0, description="Loader worker processes per rank (0 = in-process).")
@@ -78,7 +83,7 @@ class DataConfig(Section):
 def dali_problems(data: DataConfig) -> list[str]:
     """Options of data.* that the DALI pipeline cannot honour, each naming its dotted key."""
     problems = []
-    if data.source.startswith(("http://", "https://")):
+    if "://" in data.source and not data.source.startswith("file://"):
         problems.append(f"data.source: DALI reads local files, not URLs ({data.source})")
     if data.augment not in ("rrc", "none"):
         problems.append(f"data.augment: {data.augment!r} is not available on DALI (use rrc or none)")

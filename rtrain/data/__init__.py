@@ -4,11 +4,12 @@
     loader.set_epoch(e)
     for images, labels in DevicePrefetcher(iter(loader), device): ...
 
-Modules: format (shard/manifest contract, shared with data_prep), sources (local or http(s) shards),
-shardread (tar members -> samples), plan (who reads what, in which order), state (resumable position),
-transforms (crop geometry), decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers),
-pipeline (ShardLoader), whole (uncropped val images for multi-scale testing), prefetch (device copies one
-batch ahead), dali (optional GPU backend).
+Modules: format (shard/manifest contract, shared with data_prep), sources (a split's manifest and shards),
+stores (byte streams: files, http(s), s3:// and other fsspec URLs, with retries), shardread (tar members ->
+samples), plan (who reads what, in which order), state (resumable position), transforms (crop geometry),
+decode (reduced-scale decoding + uint8 resize), worker (DataLoader workers), pipeline (ShardLoader), whole
+(uncropped val images for multi-scale testing), prefetch (device copies one batch ahead), dali (optional GPU
+backend).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from rtrain.config import dali_problems
-from rtrain.data.format import MANIFEST_NAME, Manifest
+from rtrain.data.format import MANIFEST_NAME, Manifest, resolve_shard_root
 
 DALI_STATE_VERSION = 1
 
@@ -64,7 +64,14 @@ class DaliLoader:
         self.manifest = Manifest.load(f"{location}/{MANIFEST_NAME}")
         self.cfg, self.train, self.seed, self.batch_size = cfg, train, seed, batch_size
         self.rank, self.world_size = rank, world_size
-        self.paths = [f"{location}/{entry.name}" for entry in self.manifest.shards]
+        keys = self.manifest.keys
+        if keys.label_field is not None or keys.label.endswith("json"):
+            raise ValueError(f"data.backend=dali: {location} labels are a JSON field; DALI reads ASCII labels only")
+        self.fields = list(keys.fields)  # DALI decodes jpg/png/webp alike (nvJPEG or its CPU fallback)
+        root = resolve_shard_root(location, self.manifest.shard_root)
+        if "://" in root:
+            raise ValueError(f"data.backend=dali: the manifest's shards are at {root}; DALI reads local files only")
+        self.paths = [f"{root}/{entry.name}" for entry in self.manifest.shards]
         total = self.manifest.num_samples
         per_rank = -(-total // world_size)
         self.batches = total // (world_size * batch_size) if train else -(-per_rank // batch_size)
@@ -97,7 +104,7 @@ class DaliLoader:
         @pipeline_def(enable_checkpointing=True)
         def pipeline():
             jpegs, labels = fn.readers.webdataset(
-                paths=self.paths, ext=["jpg", "cls"], shard_id=self.rank, num_shards=self.world_size,
+                paths=self.paths, ext=self.fields, shard_id=self.rank, num_shards=self.world_size,
                 random_shuffle=train, initial_fill=cfg.shuffle_buffer, pad_last_batch=not train,
                 seed=self.seed, name="reader", missing_component_behavior="error")
             if train and cfg.augment == "rrc":

@@ -3,11 +3,21 @@
 A split directory holds `{split}-{index:06d}.tar` shards and one `manifest.json`. Each tar member set
 is one sample: `{key}.jpg` (JPEG bytes) and `{key}.cls` (the class index as ASCII decimal). The manifest
 is the single source of truth for epoch length and shard balancing.
+
+Manifest version 2 adds two things, both defaulting to what version 1 meant, so version 1 manifests load
+unchanged; a manifest is written as version 1 while both are at their defaults (data_prep's own output stays
+readable by older rtrain), as version 2 otherwise (older rtrain then refuses it instead of misreading it):
+- `keys`: which members hold the image and the label (`SampleKeys`), for shards that other tools wrote
+  (`jpeg`/`png`/`webp` images; `cls.txt` ASCII labels; a field of a `json` member).
+- `shard_root`: where the shards are. Null = beside the manifest (data_prep's own output). Otherwise an
+  absolute path or a URL (`s3://bucket/prefix`, `https://...`), or a path relative to the manifest's folder
+  (`../mirror/train`). A shard's location is `{shard_root}/{name}`; a `name` may hold `/` (sub-folders).
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +25,10 @@ from typing import Any
 from rtrain._io import sha256_file  # noqa: F401  (re-exported: data_prep, benchmarks and tests import it from here)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
-SAMPLE_FIELDS = ("jpg", "cls")
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+SAMPLE_FIELDS = ("jpg", "cls")  # what data_prep's own shards hold (SampleKeys' defaults)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -37,6 +49,27 @@ class QuarantinedFile:
     reason: str
 
 
+@dataclass(frozen=True)
+class SampleKeys:
+    """Member extensions of a sample's image and label. A label key ending in `json` is a JSON object whose
+    `label_field` holds the label; any other label member is the label as ASCII text. A label is a class
+    index, or a class name listed in the manifest's `classes`."""
+
+    image: str = SAMPLE_FIELDS[0]
+    label: str = SAMPLE_FIELDS[1]
+    label_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.image or not self.label or self.image == self.label:
+            raise ValueError(f"image key {self.image!r} and label key {self.label!r} must differ and be set")
+        if self.label.endswith("json") and not self.label_field:
+            raise ValueError(f"label key {self.label!r} is JSON: label_field must name the label's field")
+
+    @property
+    def fields(self) -> tuple[str, str]:
+        return self.image, self.label
+
+
 @dataclass
 class Manifest:
     split: str
@@ -45,7 +78,14 @@ class Manifest:
     converted: dict[str, int] = field(default_factory=dict)
     quarantined: list[QuarantinedFile] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    keys: SampleKeys = field(default_factory=SampleKeys)
+    shard_root: str | None = None
     version: int = MANIFEST_VERSION
+
+    @property
+    def format_version(self) -> int:
+        """The oldest version that can describe this manifest (what `to_json` writes)."""
+        return 1 if self.keys == SampleKeys() and not self.shard_root else MANIFEST_VERSION
 
     @property
     def num_samples(self) -> int:
@@ -56,14 +96,15 @@ class Manifest:
         return len(self.classes)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps({**asdict(self), "version": self.format_version}, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "manifest") -> "Manifest":
         try:
             version = int(raw.get("version", 0))
-            if version != MANIFEST_VERSION:
-                raise ValueError(f"version {version}, expected {MANIFEST_VERSION}")
+            if version not in READABLE_VERSIONS:
+                raise ValueError(f"version {version}, this rtrain reads versions {READABLE_VERSIONS}")
+            root = raw.get("shard_root")
             return cls(
                 split=str(raw["split"]),
                 shards=[ShardEntry(**s) for s in raw["shards"]],
@@ -71,6 +112,8 @@ class Manifest:
                 converted={str(k): int(v) for k, v in raw.get("converted", {}).items()},
                 quarantined=[QuarantinedFile(**q) for q in raw.get("quarantined", [])],
                 options=dict(raw.get("options", {})),
+                keys=SampleKeys(**raw.get("keys", {})),
+                shard_root=str(root) if root else None,
                 version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -100,3 +143,47 @@ def encode_cls(index: int) -> bytes:
 
 def decode_cls(raw: bytes) -> int:
     return int(raw.decode("ascii").strip())
+
+
+def label_value(raw: bytes, keys: SampleKeys) -> int | str:
+    """The label as written in its member: a class index or a class name; ValueError (one line) otherwise."""
+    if keys.label.endswith("json"):
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"not JSON ({exc})") from exc
+        if not isinstance(record, dict) or keys.label_field not in record:
+            raise ValueError(f"no field {keys.label_field!r}")
+        value = record[keys.label_field]
+    else:
+        try:
+            value = raw.decode("ascii").strip()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{raw[:20]!r} is not ASCII") from exc
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, int | str) and not isinstance(value, bool) and value != "":
+        return value
+    raise ValueError(f"{str(value)[:40]!r} is neither a class index nor a class name")
+
+
+def decode_label(raw: bytes, keys: SampleKeys, classes: dict[str, int]) -> int:
+    """The class index in a label member (a class name is looked up in `classes`); ValueError otherwise."""
+    value = label_value(raw, keys)
+    if isinstance(value, int):
+        return value
+    if value not in classes:
+        raise ValueError(f"class name {value[:40]!r} is not in the manifest's classes")
+    return classes[value]
+
+
+def resolve_shard_root(manifest_dir: str, shard_root: str | None) -> str:
+    """Where a manifest's shards are: `shard_root` as given when absolute or a URL, else relative to the
+    manifest's folder (a path or a URL prefix)."""
+    if not shard_root:
+        return manifest_dir
+    if "://" in shard_root or posixpath.isabs(shard_root):
+        return shard_root.rstrip("/")
+    scheme, sep, path = manifest_dir.rpartition("://")
+    joined = posixpath.normpath(posixpath.join(path, shard_root))
+    return f"{scheme}{sep}{joined}" if sep else joined

@@ -2,7 +2,8 @@
 
 Reads tars with the standard library rather than webdataset's pipeline: webdataset 1.0 has no resumable
 state, and exact resume needs to know, before reading, which sample lands in which batch (plan.py), which is
-simplest with a reader that owns the order. The format is plain WebDataset (`{key}.jpg`, `{key}.cls`).
+simplest with a reader that owns the order. The format is plain WebDataset (`{key}.jpg`, `{key}.cls`, or the
+image/label keys the manifest names).
 
 Contract (the engine relies on it):
 - `len(loader)` is the number of batches of the current epoch and is the same on every rank; iterating
@@ -45,7 +46,7 @@ class ShardLoader:
             raise ValueError(f"loader: batch_size must be positive, got {batch_size}")
         self.cfg, self.split, self.rank, self.train = cfg, split, rank, train
         self.seed = int(seed)
-        self.source = ShardSource(cfg.source, split)
+        self.source = ShardSource(cfg.source, split, cfg.storage_options)
         self.manifest = self.source.read_manifest()
         counts = [entry.count for entry in self.manifest.shards]
         self._offsets = shard_offsets(counts)
@@ -169,7 +170,7 @@ class ShardLoader:
             source=self.source, shards=list(self.manifest.shards), offsets=self._offsets,
             pool=self._pool_for(self._state), geometry=self._geometry(), rank=self.rank, seed=self.seed,
             epoch=self.epoch, segment=len(self._state.history), batches_done=self._state.batches_done,
-            transform=cfg, num_classes=max(self.manifest.num_classes, 1),
+            transform=cfg, classes=dict(self.manifest.classes), keys=self.manifest.keys,
             skip_bad=cfg.on_bad_sample == "skip", verify_sha256=cfg.verify_sha256,
             channels_last=cfg.channels_last,
         )

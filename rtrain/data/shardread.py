@@ -40,12 +40,13 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
-def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int],
-                   expected_count: int) -> Iterator[tuple[int, RawSample | ShardDamage]]:
+def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_count: int,
+                   fields: tuple[str, ...] = SAMPLE_FIELDS) -> Iterator[tuple[int, RawSample | ShardDamage]]:
     """Yield (position, sample) for every wanted position, in shard order.
 
-    A wanted position that the tar does not deliver (truncated or short shard, unreadable member) is
-    yielded as (position, ShardDamage) after the readable ones, so a consumer never waits for it.
+    Only the members named in `fields` (extensions) are read. A wanted position that the tar does not deliver
+    (truncated or short shard, unreadable member) is yielded as (position, ShardDamage) after the readable
+    ones, so a consumer never waits for it.
     """
     pending = set(wanted)
     last = max(wanted) if wanted else -1
@@ -65,7 +66,7 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int],
                     break
                 if position in pending:
                     sample = RawSample(shard, member_key)
-            if sample is not None and ext in SAMPLE_FIELDS:
+            if sample is not None and ext in fields:
                 sample.fields[ext] = _read_member(tar, member)
         else:
             if sample is not None:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
-from rtrain.data.format import ShardEntry, decode_cls
+from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
 from rtrain.data.shardread import RawSample, ShardDamage, read_positions
 from rtrain.data.sources import ShardError, ShardSource
@@ -48,7 +48,8 @@ class EpochTask:
     segment: int
     batches_done: int  # rank batches already yielded in this segment
     transform: TransformConfig
-    num_classes: int
+    classes: dict[str, int]  # class name -> index, for labels given by name
+    keys: SampleKeys
     skip_bad: bool
     verify_sha256: bool
     channels_last: bool
@@ -182,7 +183,7 @@ class SlotReader:
         try:
             with self.task.source.open_shard(entry, self.task.verify_sha256) as tar:
                 yield from read_positions(tar, self.task.source.shard_location(entry.name),
-                                          set(positions), entry.count)
+                                          set(positions), entry.count, self.task.keys.fields)
         except ShardError as exc:
             if not self.task.skip_bad:
                 raise
@@ -210,19 +211,21 @@ class SlotReader:
     def _decode(self, sample: RawSample) -> tuple[torch.Tensor, int]:
         task = self.task
         where = f"shard {sample.shard}: sample {sample.key!r}"
-        missing = [f for f in ("jpg", "cls") if f not in sample.fields]
+        keys = task.keys
+        missing = [f for f in keys.fields if f not in sample.fields]
         if missing:
             raise SampleError(f"{where}: missing field(s) {missing}")
         try:
-            label = decode_cls(sample.fields["cls"])
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise SampleError(f"{where}: bad cls field {sample.fields['cls'][:20]!r}") from exc
-        if not 0 <= label < task.num_classes:
-            raise SampleError(f"{where}: label {label} outside 0..{task.num_classes - 1}")
+            label = decode_label(sample.fields[keys.label], keys, task.classes)
+        except ValueError as exc:
+            raise SampleError(f"{where}: bad {keys.label} field: {exc}") from exc
+        num_classes = max(len(task.classes), 1)
+        if not 0 <= label < num_classes:
+            raise SampleError(f"{where}: label {label} outside 0..{num_classes - 1} (key {keys.label})")
         try:
-            source = probe(sample.fields["jpg"])
+            source = probe(sample.fields[keys.image])
             view = make_view(task.transform, task.geometry.layout.train, task.seed, task.epoch, sample.key,
                              source.width, source.height)
             return render(source, view, self.pixels), label
         except DecodeError as exc:
-            raise SampleError(f"{where}: {exc}") from exc
+            raise SampleError(f"{where}: {keys.image}: {exc}") from exc

@@ -1,0 +1,150 @@
+"""Shards in an object store, against a real S3-compatible server (moto's standalone server on 127.0.0.1):
+data_prep uploads, data_prep.index indexes an s3 prefix, the loader streams and resumes exactly as from
+local files, missing buckets/keys are named in one line, and a 2-rank training run reads from s3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moto_s3 import S3Server, moto_s3_server
+from test_loader_fixtures import small_cfg, write_split
+from wds_samples import assert_labels_match_images, read_epoch, write_with_tarwriter
+
+from data_prep.index import main as index_main
+from data_prep.storage import upload_output
+from rtrain.data import ShardError, build_loader
+from rtrain.data.format import Manifest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> S3Server:
+    with moto_s3_server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def digits_in_s3(s3: S3Server, tmp_path_factory) -> tuple[Path, str]:
+    """Real digits -> data_prep.imagenet with an s3:// --out (built in a kept stage folder, then uploaded)."""
+    root = tmp_path_factory.mktemp("digits")
+    _run("-m", "data_prep.samples", "digits", "--out", str(root / "folders"))
+    url = s3.url("digits")
+    _run("-m", "data_prep.imagenet", "--src", str(root / "folders"), "--out", url, "--stage", str(root / "stage"),
+         "--shard-size", "200", "--workers", "2", "--no-progress")
+    return root / "stage", url
+
+
+def _batches(cfg, train: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=64, seed=5, train=train)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+
+def test_data_prep_uploads_and_the_loader_reads_a_full_epoch(s3: S3Server, digits_in_s3) -> None:
+    stage, url = digits_in_s3
+    listed = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="digits/train/")["Contents"]
+    local = Manifest.load(stage / "train" / "manifest.json")
+    assert sorted(o["Key"].rsplit("/", 1)[1] for o in listed) == sorted(
+        [s.name for s in local.shards] + ["manifest.json"])
+    local_epoch = _batches(small_cfg(stage, num_workers=2), train=False)
+    remote_epoch = _batches(small_cfg(url, num_workers=2), train=False)
+    assert _same(local_epoch, remote_epoch)
+    assert sum(len(y) for _, y in remote_epoch) == local.num_samples  # eval: every sample, once
+    verified = _batches(small_cfg(url, verify_sha256=True))
+    assert _same(verified, _batches(small_cfg(stage)))
+
+
+def test_resume_mid_epoch_over_s3_equals_local(digits_in_s3) -> None:
+    stage, url = digits_in_s3
+    straight = _batches(small_cfg(stage, num_workers=2))
+    cfg = small_cfg(url, num_workers=2)
+    first = build_loader(cfg, "train", rank=0, world_size=1, batch_size=64, seed=5, train=True)
+    head = [(x.clone(), y.clone()) for _, (x, y) in zip(range(7), first)]
+    resumed = build_loader(cfg, "train", rank=0, world_size=1, batch_size=64, seed=5, train=True)
+    resumed.load_state_dict(first.state_dict())
+    assert _same(head + [(x.clone(), y.clone()) for x, y in resumed], straight)
+
+
+def test_index_an_s3_prefix_and_train_from_it(s3: S3Server, tmp_path: Path) -> None:
+    client = s3.client()
+    for index, ids in enumerate([range(0, 9), range(9, 14)]):
+        shard = write_with_tarwriter(tmp_path / f"m-{index}.tar", ids, "png_json")
+        client.upload_file(str(shard), s3.bucket, f"mirror/in/m-{index}.tar")
+    assert index_main([s3.url("mirror", "in"), "--out", s3.url("indexed"), "--split", "val"]) == 0
+    body = client.get_object(Bucket=s3.bucket, Key="indexed/val/manifest.json")["Body"].read().decode()
+    manifest = Manifest.loads(body)
+    assert manifest.shard_root == s3.url("mirror", "in") and manifest.num_samples == 14
+    assert manifest.keys.image == "png" and manifest.keys.label_field == "label"
+    labels, levels = read_epoch(small_cfg(s3.url("indexed"), num_workers=2), split="val")
+    assert sorted(labels) == list(range(14))
+    assert_labels_match_images(labels, levels)
+
+
+def test_missing_bucket_and_key_are_one_line_naming_the_url(s3: S3Server, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ShardError) as missing_bucket:
+        build_loader(small_cfg("s3://no-such-bucket/data"), "train", rank=0, world_size=1, batch_size=4, seed=0,
+                     train=True)
+    message = str(missing_bucket.value)
+    assert message.startswith("s3://no-such-bucket/data/train/manifest.json: not found") and "\n" not in message
+    write_split(tmp_path, "train", [5, 5, 5])
+    client = s3.client()
+    for path in sorted((tmp_path / "train").iterdir()):
+        client.upload_file(str(path), s3.bucket, f"gone/train/{path.name}")
+    client.delete_object(Bucket=s3.bucket, Key="gone/train/train-000001.tar")
+    with pytest.raises(ShardError) as missing_key:
+        list(build_loader(small_cfg(s3.url("gone"), on_bad_sample="raise"), "train", rank=0, world_size=1,
+                          batch_size=4, seed=0, train=True))
+    message = str(missing_key.value)
+    assert f"{s3.url('gone', 'train', 'train-000001.tar')}: not found" in message and "\n" not in message
+    assert index_main([s3.url("nothing-here"), "--out", str(tmp_path / "idx")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"data_prep.index: error: {s3.url('nothing-here')}: no *.tar shards there"
+
+
+@pytest.mark.slow
+def test_two_rank_training_run_reads_its_shards_from_s3(digits_in_s3, tmp_path: Path) -> None:
+    _, url = digits_in_s3
+    proc = _run("-m", "rtrain.launch", "recipes/quickstart.yaml", f"data.source={url}",
+                f"run.output_root={tmp_path}", "run.name=s3", "dist.launcher=local", "train.max_steps=4",
+                "checkpoint.every_steps=4", "tracking.enabled=false", "eval.every_epochs=100",
+                "train.log_every_steps=1", timeout=240)
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 4 and summary["samples_seen"] == 4 * 128, summary
+    assert [p.name for p in tmp_path.rglob("step-*") if p.is_dir()] == ["step-000000004"]
+
+
+def _modified(client, bucket: str, prefix: str) -> dict:
+    return {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+
+
+def test_upload_rerun_sends_only_what_is_missing(s3: S3Server, digits_in_s3) -> None:
+    stage, _ = digits_in_s3
+    client = s3.client()
+    upload_output(stage, s3.url("again"))
+    client.delete_object(Bucket=s3.bucket, Key="again/train/train-000002.tar")  # an interrupted upload
+    before = _modified(client, s3.bucket, "again/")
+    upload_output(stage, s3.url("again"))
+    after = _modified(client, s3.bucket, "again/")
+    assert set(after) - set(before) == {"again/train/train-000002.tar"}
+    assert all(after[k] == before[k] for k in before if k.endswith(".tar"))
+    assert Manifest.loads(client.get_object(Bucket=s3.bucket, Key="again/val/manifest.json")["Body"].read().decode()) \
+        == Manifest.load(stage / "val" / "manifest.json")
