@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rtrain.data.decode import FAST_DENOMINATORS, DecodeError, SourceImage, decode_scaled, probe
-from rtrain.data.format import ShardEntry, decode_cls
+from rtrain.data.format import ShardEntry, decode_label
 from rtrain.data.shardread import RawSample, ShardDamage, read_positions
 from rtrain.data.sources import ShardError, ShardSource
 from rtrain.data.state import STAT_KEYS
@@ -43,7 +43,7 @@ class WholeImageLoader:
             raise ValueError(f"whole-image loader: batch_size must be positive, got {batch_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.batch_size, self.min_shorter_side = batch_size, min_shorter_side
-        self.source = ShardSource(cfg.source, split)
+        self.source = ShardSource(cfg.source, split, getattr(cfg, "storage_options", None))
         self.manifest = self.source.read_manifest()
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._damaged_shards: set[str] = set()
@@ -93,7 +93,8 @@ class WholeImageLoader:
         delivered: set[int] = set()
         try:
             with self.source.open_shard(entry, self.cfg.verify_sha256) as tar:
-                for position, item in read_positions(tar, location, positions, entry.count):
+                for position, item in read_positions(tar, location, positions, entry.count,
+                                                     self.manifest.keys.fields):
                     delivered.add(position)
                     yield item
         except ShardError as exc:
@@ -119,12 +120,13 @@ class WholeImageLoader:
 
     def _decode(self, sample: RawSample) -> tuple[torch.Tensor, int]:
         where = f"shard {sample.shard}: sample {sample.key!r}"
-        missing = [f for f in ("jpg", "cls") if f not in sample.fields]
+        keys = self.manifest.keys
+        missing = [f for f in keys.fields if f not in sample.fields]
         if missing:
             raise SampleError(f"{where}: missing field(s) {missing}")
         try:
-            label = decode_cls(sample.fields["cls"])
-            source = probe(sample.fields["jpg"])
+            label = decode_label(sample.fields[keys.label], keys, self.manifest.classes)
+            source = probe(sample.fields[keys.image])
             pixels = decode_scaled(source, whole_image_denominator(source, self.min_shorter_side))
         except (UnicodeDecodeError, ValueError, DecodeError) as exc:
             raise SampleError(f"{where}: {exc}") from exc
