@@ -32,8 +32,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if not args.schema_only:
+            from rtrain.launch.preflight import PreflightError, preflight
+            from rtrain.launch.recipe import prepare_recipe
+
+            preflight(prepare_recipe(recipe))
     except RecipeError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except PreflightError as exc:
+        print("\n".join(f"rtrain: {line}" for line in exc.problems), file=sys.stderr)
         return 2
     print(recipe.to_yaml(), end="")
     return 0
@@ -92,12 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     for name, func, help_text in (
-        ("validate", _cmd_validate, "validate a recipe and print it resolved"),
+        ("validate", _cmd_validate, "validate a recipe, check what it needs (preflight), print it resolved"),
         ("launch", _cmd_launch, "run a recipe (same as python -m rtrain.launch)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
+        if name == "validate":
+            p.add_argument("--schema-only", action="store_true",
+                           help="check the recipe itself only, not its data, output root, tracking server")
         p.set_defaults(func=func)
     _add_checkpoint_commands(sub)
     return parser

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rtrain._errors import ExpectedError
 from rtrain._io import HashingWriter, durable_file, fsync_dir, sha256_file, write_atomically, write_durably
 
 FORMAT_NAME = "rtrain-checkpoint"
@@ -39,7 +40,7 @@ SCRATCH_PREFIXES = (TRASH_PREFIX, STAGING_PREFIX)
 _WRITE_THREADS = 4  # files written or hashed at once
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint could not be written, verified or read; the message names the directory and file."""
 
 

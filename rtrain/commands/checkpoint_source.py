@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from rtrain._errors import ExpectedError
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.checkpoint.files import MANIFEST_NAME, STEP_DIR_PATTERN
 from rtrain.config import Recipe, RecipeError, load_recipe, loads_recipe
@@ -24,7 +25,7 @@ from rtrain.models.weights import strip_wrapper_prefixes
 RESOLVED_RECIPE_NAME = "resolved_recipe.yaml"  # written into every run directory by rtrain.launch
 
 
-class CommandError(RuntimeError):
+class CommandError(ExpectedError, RuntimeError):
     """An expected failure of a subcommand; its message is the one line the user sees."""
 
 

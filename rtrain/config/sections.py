@@ -5,11 +5,9 @@ Sections are frozen: a validated recipe is never mutated; overrides produce a ne
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BASE_LR_PER_256 = 0.1
 
@@ -19,9 +17,19 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = Field("rtrain", min_length=1, description="Run name: the MLflow run name and output folder.")
+    name: str = Field("rtrain", min_length=1, description="Run name: the MLflow run name and the folder under "
+                      "run.output_root that holds the run's outputs; a plain name (no '/', not '.' or '..').")
     seed: int = Field(0, ge=0, description="Seed of every RNG stream (model init, shuffling, augmentation).")
     output_root: str = Field("runs", description="Folder under which run outputs (checkpoints, summaries) go.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # The run directory is output_root/name: a path here would put it (and its checkpoints) elsewhere.
+        if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+            raise ValueError("not a plain name: it names the run's folder under run.output_root, so no '/' "
+                             "and not '.' or '..' (put parent folders in run.output_root)")
+        return name
 
 
 class ModelConfig(Section):
@@ -210,6 +218,9 @@ class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log params, metrics and checkpoints to MLflow (rank 0 only).")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or server URL).")
     experiment: str = Field("rtrain", description="MLflow experiment name.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Preflight: how long the tracking server (or database) has to answer before "
+        "the launch is refused.")
     log_checkpoints: bool = Field(False, description="Also log each checkpoint's files as artifacts.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow run tags.")
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rtrain._errors import ExpectedError
 from rtrain.data.transforms import View
 
 # libjpeg-turbo scale denominators with SIMD inverse DCTs (see the module docstring).
@@ -39,7 +40,7 @@ FAST_DCT = True
 _FAST_COLORSPACES = ("YCbCr", "Gray")
 
 
-class DecodeError(ValueError):
+class DecodeError(ExpectedError, ValueError):
     """The bytes of a sample are not a decodable image."""
 
 

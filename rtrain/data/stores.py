@@ -23,13 +23,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
+from rtrain._errors import ExpectedError
+
 HTTP_TIMEOUT_S = 60.0
 HTTP_ATTEMPTS = 3
 FSSPEC_BLOCK_BYTES = 8 << 20
 BACKOFF_S = 0.5
 
 
-class ShardError(RuntimeError):
+class ShardError(ExpectedError, RuntimeError):
     """A shard is missing, unreadable, truncated or fails its checksum; the message names it."""
 
 

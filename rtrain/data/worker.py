@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rtrain._errors import ExpectedError
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
@@ -29,7 +30,7 @@ from rtrain.data.state import STAT_KEYS
 from rtrain.data.transforms import TransformConfig, make_view
 
 
-class SampleError(ValueError):
+class SampleError(ExpectedError, ValueError):
     """A sample cannot be used (undecodable image, missing field, bad label); names shard and key."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rtrain._errors import ExpectedError
+
 LOOPBACK = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
 # SLURM has no master port: derive one from the job id so concurrent jobs sharing a node do not collide.
@@ -27,7 +29,7 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-class DistEnvError(RuntimeError):
+class DistEnvError(ExpectedError, RuntimeError):
     """The launcher's environment is inconsistent; the message names the variable."""
 
 

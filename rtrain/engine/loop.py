@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from rtrain._errors import ExpectedError
 from rtrain.config import CheckpointConfig, EvalConfig, PrecisionConfig, TrainConfig
 from rtrain.dist.backend import Backend
 from rtrain.engine import stateful
@@ -25,7 +26,7 @@ from rtrain.engine.step import TrainStep
 log = logging.getLogger("rtrain.engine")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ExpectedError, RuntimeError):
     """Too many consecutive non-finite steps; the weights were never updated with them."""
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from rtrain._errors import ExpectedError
+
 Scope = Literal["shared", "per_rank", "split"]
 
 
@@ -24,7 +26,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class StateError(ValueError):
+class StateError(ExpectedError, ValueError):
     """A checkpoint lacks a state this run needs, or holds one of an unknown version."""
 
 

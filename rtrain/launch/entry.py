@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from rtrain._errors import DEBUG_ENV
 from rtrain.config import Recipe, RecipeError, load_recipe
+from rtrain.launch.preflight import PreflightError, preflight
 from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
 from rtrain.launch.signals import exit_code_for
 from rtrain.launch.workers import LaunchError, WorkerFn, default_worker, load_worker_or_fail
@@ -47,17 +50,26 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-failures", type=int, default=None,
                         help="ray launcher: restart the worker group this many times after a failure "
                              "(default: the recipe's dist.max_failures)")
+    parser.add_argument("--debug", action="store_true",
+                        help="print tracebacks for expected failures too (bad data, damaged checkpoints, ...)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # the ranks inherit it
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         worker_fn = load_worker_or_fail(args.worker) if args.worker else None
+        # Before any worker or Ray: a custom --worker may not read the recipe's data, so only its outputs count.
+        preflight(prepare_recipe(recipe), data=worker_fn is None)
         summary = launch(recipe, worker_fn, max_failures=args.max_failures)
     except RecipeError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except PreflightError as exc:
+        print("\n".join(f"rtrain: {line}" for line in exc.problems), file=sys.stderr)
         return 2
     except LaunchError as exc:
         print(f"rtrain: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from rtrain._errors import DEBUG_ENV, ExpectedError, one_line
 from rtrain.config import Recipe
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
@@ -28,6 +29,7 @@ from rtrain.launch.workers import (
     WorkerFn,
     free_port,
     load_worker,
+    lost_a_peer,
     python_path,
     worker_reference,
 )
@@ -105,8 +107,11 @@ def rank_main(argv: list[str]) -> int:
             (exchange / SUMMARY_FILE).write_text(json.dumps(summary, default=str))
         return 0
     except (Exception, KeyboardInterrupt) as exc:
-        traceback.print_exc()
-        (exchange / f"rank-{rank}.error").write_text(f"{type(exc).__name__}: {exc}")
+        if os.environ.get(DEBUG_ENV) or not (isinstance(exc, ExpectedError) or lost_a_peer(exc)):
+            traceback.print_exc()  # a bug, or asked for
+        else:
+            print(f"rtrain: rank {rank}: {one_line(exc)}", file=sys.stderr, flush=True)  # the message is enough
+        (exchange / f"rank-{rank}.error").write_text(one_line(exc))
         return 1
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from rtrain.config import Recipe
 from rtrain.launch.reaper import guarded
 from rtrain.launch.signals import LauncherSignals
-from rtrain.launch.workers import LaunchError, WorkerFn, python_path
+from rtrain.launch.workers import LaunchError, WorkerFn, lost_a_peer, python_path
 
 # Set by Ray for the entrypoint of a job submitted with `ray job submit`.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -55,15 +55,6 @@ def _died(error: BaseException) -> bool:
         error.__cause__, ActorDiedError)
 
 
-def _lost_a_peer(error: BaseException) -> bool:
-    """A collective that failed because another rank went away: a consequence, not the cause."""
-    import torch.distributed as dist
-
-    text = str(error)
-    return isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text or (
-        "Connection reset by peer" in text or "Connection closed by peer" in text)
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
@@ -79,7 +70,7 @@ def _ray_failure_message(exc: Exception, recipe: Recipe, max_failures: int) -> s
         cause = (f"rank {died[0]}'s worker process died (killed, out of memory or its node lost), "
                  f"after {max_failures} restart(s) allowed by dist.max_failures")
     else:
-        causes = [rank for rank, error in failures.items() if not _lost_a_peer(error)]
+        causes = [rank for rank, error in failures.items() if not lost_a_peer(error)]
         rank = min(causes or failures)
         cause = f"rank {rank} failed: {_first_line(failures[rank])}"
     return f"Ray Train run {recipe.run.name!r} failed: {cause}; {_resume_hint(recipe)}"

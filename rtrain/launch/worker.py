@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rtrain._errors import DEBUG_ENV, ExpectedError
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader
@@ -147,6 +148,10 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     recipe = loads_recipe(config["recipe_yaml"], where="recipe")
     try:
         return _train(recipe)  # under Ray Train, rank 0's return value reaches the driver as return_value
+    except ExpectedError as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise exc.with_traceback(None) from None  # its message is enough: no stack of rtrain's frames in logs
     finally:
         shutdown_distributed()
 

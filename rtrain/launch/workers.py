@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rtrain._errors import ExpectedError
+
 WorkerFn = Callable[[dict], Any]
 LOOPBACK = "127.0.0.1"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ExpectedError, RuntimeError):
     """The run could not be started or a worker failed; the message names the rank or the service."""
 
 
@@ -70,3 +72,12 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """A collective that failed because another rank went away: a consequence, not the cause."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text or (
+        "Connection reset by peer" in text or "Connection closed by peer" in text)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rtrain._errors import ExpectedError
 from rtrain.models.resnet import ResNet, ResNetSpec
 
 # Wrappers whose state-dict keys carry a prefix: DistributedDataParallel/DataParallel ("module.")
@@ -179,7 +180,7 @@ def import_torchvision(
     return ImportReport(missing, unexpected)
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(ExpectedError, ValueError):
     """A weights file could not be read, or holds something other than a state dict of tensors."""
 
 

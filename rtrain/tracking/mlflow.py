@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rtrain._errors import ExpectedError
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -30,7 +32,7 @@ TAG_PREVIOUS_RUN = "rtrain.previous_run_id"
 TAG_CHANGED_ON_RESUME = "rtrain.changed_on_resume."
 
 
-class TrackingError(RuntimeError):
+class TrackingError(ExpectedError, RuntimeError):
     """Tracking cannot start or continue; the message names the URI, experiment or run."""
 
 
