@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cluster.local.procs import ServiceError
+from cluster.local.ray_head import ray_executable
 
 NODE_IP_ENV = "RTRAIN_RAY_NODE_IP"
 
@@ -58,14 +60,6 @@ def _cpus_on_node() -> int:
 def _gpus_on_node() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return len([g for g in visible.split(",") if g.strip()]) if visible else 0
-
-
-def ray_executable() -> str:
-    beside_python = Path(sys.executable).parent / "ray"
-    found = str(beside_python) if beside_python.exists() else shutil.which("ray")
-    if not found:
-        raise RayNodeError("the `ray` command is not installed next to this Python nor on PATH")
-    return found
 
 
 def temp_dir() -> str:
@@ -157,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         argv_ = (head_argv(args.port, args.dashboard_port or _free_port()) if args.command == "head"
                  else join_argv(args.address))
-    except RayNodeError as exc:
+    except (RayNodeError, ServiceError) as exc:
         print(f"rtrain: {exc}", file=sys.stderr)
         return 1
     _exec_logged(argv_, f"Ray {'head' if args.command == 'head' else 'node'}")
