@@ -1,9 +1,10 @@
-"""`rtrain` console script: launch | validate | models | eval | export
+"""`rtrain` console script: launch | validate | models | eval | export | reproduce
 
 Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
 does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
 (a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
-`rtrain: ...` line on stderr and exit code 2.
+`rtrain: ...` line on stderr and exit code 2; so does `reproduce` (runs the paper's degradation experiment
+through real launches).
 """
 
 from __future__ import annotations
@@ -79,8 +80,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return _run_checkpoint_command(export_checkpoint.run, args)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from rtrain.commands import degradation_report, reproduce
+
+    try:
+        return reproduce.run(args)
+    except (reproduce.ReproduceError, degradation_report.ReportError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"rtrain: {message}", file=sys.stderr)
+        return 2
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
-    from rtrain.commands.arguments import add_eval_arguments, add_export_arguments  # imports no torch
+    from rtrain.commands.arguments import (  # imports no torch
+        add_eval_arguments,
+        add_export_arguments,
+        add_reproduce_arguments,
+    )
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint on the val split (center, 10-crop, "
                        "multi-scale)")
@@ -89,6 +105,10 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a checkpoint's weights as a torchvision state dict")
     add_export_arguments(p)
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("reproduce", help="reproduce a finding of the paper with real runs: degradation "
+                       "(plain vs ResNet 20/56 on digits; table + Fig. 6-style curves)")
+    add_reproduce_arguments(p)
+    p.set_defaults(func=_cmd_reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,3 +40,20 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-only", action="store_true",
                         help="without fc and num_batches_tracked: the body of torchvision's detection backbones")
     parser.add_argument("--out", required=True, help="the state dict file to write (torch.save)")
+
+
+REPRODUCIBLE = ("degradation",)
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", choices=REPRODUCIBLE,
+                        help="degradation: plain-20/56 vs ResNet-20/56 on digits (the paper's Fig. 6)")
+    parser.add_argument("--out", help="folder for data, runs, MLflow (sqlite), table and figure (default "
+                        "out/degradation, with --quick out/degradation-quick); a rerun skips finished runs")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the recipes' 30; with --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="a smoke version: plain-20 and ResNet-20 only, "
+                        "2 epochs unless --epochs")
+    parser.add_argument("--data", help="existing digits shards (<dir>/train, <dir>/val) instead of preparing "
+                        "them under --out")
+    parser.add_argument("--recipes", default="recipes/degradation",
+                        help="folder of the nets' recipes (default: recipes/degradation)")

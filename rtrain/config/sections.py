@@ -166,6 +166,9 @@ class ScheduleConfig(Section):
     warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup length in epochs (Goyal et al.).")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps; overrides warmup_epochs.")
     warmup_start_lr: float = Field(0.0, ge=0, description="Learning rate at step 0 of the warmup.")
+    warmup_shape: Literal["linear", "constant"] = Field(
+        "linear", description="linear = from warmup_start_lr up to the peak lr (Goyal et al.); constant = "
+        "warmup_start_lr throughout the warmup, then the peak lr (the paper's ResNet-110 warm start at 0.01).")
     milestones_epochs: list[float] = Field(
         default_factory=list, description="Step decay: epochs at which lr is multiplied by gamma.")
     milestones_steps: list[int] | None = Field(

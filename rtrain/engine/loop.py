@@ -113,6 +113,10 @@ class _Fit:
         # A restored run already has its checkpoint at this step.
         self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
         self.stopped = False
+        # Top-1 hits / samples of this rank in the epoch so far: the training error of Fig. 6 of the paper
+        # (on the augmented batches, as trained). A run resumed mid-epoch counts from the resume on.
+        self.epoch_hits = torch.zeros((), dtype=torch.long)
+        self.epoch_samples = 0
 
     def run(self) -> dict[str, Any]:
         p, state = self.p, self.p.state
@@ -123,6 +127,7 @@ class _Fit:
             finished_epoch = self._run_epoch()
             if not finished_epoch:
                 break
+            self._log_train_error()
             state.epoch += 1
             if self._eval_due(state.epoch) and not self.stopped:  # a stop has a grace period: no eval
                 self._evaluate()
@@ -131,6 +136,8 @@ class _Fit:
             p.train_loader.set_epoch(state.epoch)
         if self.stopped:
             return self._stop()
+        if self.epoch_samples:  # the run ended inside an epoch (train.max_steps)
+            self._log_train_error()
         if not self.last_eval or self.last_eval.get("step") != state.step:
             self._evaluate()
         self._save(final=True)
@@ -146,6 +153,7 @@ class _Fit:
         for images, labels in p.train_loader:
             lr = p.schedule.apply(p.backend.optimizer, state.step)
             result = p.train_step(images, labels)
+            self._count_hits(result.correct, len(labels))
             state.step += 1
             state.samples_seen += p.train.global_batch
             self._check_finite(result.found_inf)
@@ -206,6 +214,27 @@ class _Fit:
             log.info("step %d/%d (%d%%) epoch %d/%d loss %.4f lr %.4g %.1f img/s ETA %s", p.state.step,
                      p.total_steps, 100 * p.state.step // p.total_steps, p.state.epoch + 1, epochs,
                      self.last_loss, lr, self.images_per_s, _clock(eta_s))
+
+    def _count_hits(self, correct: torch.Tensor | None, samples: int) -> None:
+        if correct is not None:
+            self.epoch_hits = self.epoch_hits.to(correct.device) + correct
+            self.epoch_samples += samples
+
+    def _log_train_error(self) -> None:
+        """One all-reduce per epoch: the epoch's training error over every rank, as ``train/top1_error``."""
+        p = self.p
+        if not self.epoch_samples:
+            return
+        counts = torch.stack([self.epoch_hits.double(),
+                              torch.tensor(float(self.epoch_samples), dtype=torch.float64,
+                                           device=self.epoch_hits.device)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        hits, samples = counts.tolist()
+        self.epoch_hits = torch.zeros((), dtype=torch.long)
+        self.epoch_samples = 0
+        if p.tracker is not None:
+            p.tracker.log_metrics({"train/top1_error": 1.0 - hits / samples}, step=p.state.step)
 
     def _eval_due(self, epochs_done: int) -> bool:
         every = max(1, round(self.p.evaluation.every_epochs))

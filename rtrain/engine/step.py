@@ -21,6 +21,7 @@ class StepResult:
     loss: torch.Tensor  # mean loss over the step's micro-batches, detached, on the device
     stepped: bool
     found_inf: bool
+    correct: torch.Tensor | None = None  # top-1 hits in this rank's batch, on the device (training error)
 
 
 class Normalizer:
@@ -58,15 +59,17 @@ class TrainStep:
             raise ValueError(f"batch of {len(images)} cannot be split into "
                              f"train.accumulation_steps={self.accumulation_steps} micro-batches")
         total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
         for i, (x, y) in enumerate(zip(micro_images, micro_labels)):
             last = i == self.accumulation_steps - 1
             with self.backend.micro_context(last):
                 with autocast(self.precision, device):
                     logits = self.backend.forward(self.normalize(x))
-                loss = F.cross_entropy(logits.float(), y.to(device, non_blocking=True),
-                                       label_smoothing=self.label_smoothing)
+                target = y.to(device, non_blocking=True)
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
                 self.backend.backward(loss / self.accumulation_steps)
             total += loss.detach()
+            correct += (logits.detach().argmax(dim=1) == target).sum()
         outcome = self.backend.step()
         return StepResult(loss=total / self.accumulation_steps, stepped=outcome.stepped,
-                          found_inf=outcome.found_inf)
+                          found_inf=outcome.found_inf, correct=correct)

@@ -3,8 +3,9 @@
 Nothing here keeps a position: the caller passes the step (``TrainState`` owns it), so a resumed run gets
 exactly the lr of an uninterrupted one. Steps count optimizer updates from 0.
 
-Warmup (Goyal et al., 2017) is linear from ``warmup_start_lr`` at step 0 to ``base_lr`` at ``warmup_steps``.
-After it, the decay kind applies:
+Warmup (Goyal et al., 2017) is linear from ``warmup_start_lr`` at step 0 to ``base_lr`` at ``warmup_steps``;
+with ``warmup_shape="constant"`` it is ``warmup_start_lr`` for every warmup step instead (He et al.'s warm
+start of ResNet-110 at 0.01 before 0.1). After it, the decay kind applies:
 
 - ``constant``: ``base_lr``.
 - ``step``: ``base_lr * gamma ** (number of milestones <= step)``; milestones are absolute steps
@@ -69,6 +70,8 @@ def _poly(a: _DecayArgs) -> float:
     return a.end_lr + (a.base_lr - a.end_lr) * (1.0 - _decay_progress(a)) ** a.power
 
 
+WARMUP_SHAPES = ("linear", "constant")
+
 SCHEDULE_KINDS: Mapping[str, Callable[[_DecayArgs], float]] = MappingProxyType({
     "constant": _constant,
     "step": _step_decay,
@@ -88,11 +91,14 @@ def lr_at(
     end_lr: float = 0.0,
     power: float = 2.0,
     warmup_start_lr: float = 0.0,
+    warmup_shape: str = "linear",
 ) -> float:
     """The learning rate at optimizer step ``step`` (see the module docstring for each kind)."""
-    _validate(kind, base_lr, total_steps, warmup_steps, milestones)
+    _validate(kind, base_lr, total_steps, warmup_steps, milestones, warmup_shape)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps and warmup_shape == "constant":
+        return warmup_start_lr
     if step < warmup_steps:
         return warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
     args = _DecayArgs(base_lr=base_lr, step=step, decay_step=step - warmup_steps,
@@ -101,9 +107,12 @@ def lr_at(
     return SCHEDULE_KINDS[kind](args)
 
 
-def _validate(kind: str, base_lr: float, total_steps: int, warmup_steps: int, milestones: Sequence[int]) -> None:
+def _validate(kind: str, base_lr: float, total_steps: int, warmup_steps: int, milestones: Sequence[int],
+              warmup_shape: str = "linear") -> None:
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown lr schedule kind '{kind}'; known: {sorted(SCHEDULE_KINDS)}")
+    if warmup_shape not in WARMUP_SHAPES:
+        raise ValueError(f"unknown warmup shape '{warmup_shape}'; known: {list(WARMUP_SHAPES)}")
     if base_lr < 0:
         raise ValueError(f"base_lr must be >= 0, got {base_lr}")
     if total_steps <= 0:
@@ -127,10 +136,11 @@ class LRSchedule:
     end_lr: float = 0.0
     power: float = 2.0
     warmup_start_lr: float = 0.0
+    warmup_shape: str = "linear"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(self.milestones))
-        _validate(self.kind, self.base_lr, self.total_steps, self.warmup_steps, self.milestones)
+        _validate(self.kind, self.base_lr, self.total_steps, self.warmup_steps, self.milestones, self.warmup_shape)
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, total_steps: int) -> LRSchedule:
@@ -140,11 +150,11 @@ class LRSchedule:
             round(epoch * steps_per_epoch) for epoch in cfg.milestones_epochs]
         return cls(kind=cfg.kind, base_lr=peak_lr, total_steps=total_steps, warmup_steps=min(warmup, total_steps),
                    milestones=tuple(milestones), gamma=cfg.gamma, end_lr=cfg.end_lr, power=cfg.power,
-                   warmup_start_lr=cfg.warmup_start_lr)
+                   warmup_start_lr=cfg.warmup_start_lr, warmup_shape=cfg.warmup_shape)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, self.kind, self.base_lr, self.total_steps, self.warmup_steps, self.milestones,
-                     self.gamma, self.end_lr, self.power, self.warmup_start_lr)
+                     self.gamma, self.end_lr, self.power, self.warmup_start_lr, self.warmup_shape)
 
     def apply(self, optimizer: Any, step: int) -> float:
         """Set every param group's lr for ``step`` (times the group's optional ``lr_scale``); return the lr."""

@@ -210,3 +210,35 @@ def test_torch_compile_matches_eager_and_saves_plain_keys():
         losses.append([float(step(x, y).loss) for _ in range(3)])
         assert all(not k.startswith("_orig_mod") for k in backend.state_dict()["shared"]["model"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, dict(metrics)))
+
+    def state_dict(self):
+        return {"version": 1, "run_id": None}
+
+
+def test_training_error_is_logged_once_per_epoch_and_at_a_mid_epoch_end(tmp_path):
+    parts = _parts(tmp_path, _recipe(epochs=3, log_every_steps=100), total_steps=15)
+    parts.tracker = RecordingTracker()
+    fit(parts)
+    errors = [(step, m["train/top1_error"]) for step, m in parts.tracker.logged if "train/top1_error" in m]
+    assert [step for step, _ in errors] == [6, 12, 15]  # two whole epochs of 6 steps, then 3 steps of the third
+    assert all(0.0 <= e <= 1.0 for _, e in errors)
+
+
+def test_step_counts_top1_hits_of_the_batch_as_trained():
+    import copy
+
+    model, loader = tiny_model(), MemoryLoader()
+    reference = copy.deepcopy(model)  # the step's forward sees the weights before its update
+    step, _, norm = make_step(model, accumulation=2)
+    images, labels = loader.images[0], loader.labels[0]
+    hits = sum(int((reference(norm(x)).argmax(1) == y).sum())
+               for x, y in zip(images.chunk(2), labels.chunk(2)))
+    assert step(images, labels).correct.item() == hits

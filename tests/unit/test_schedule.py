@@ -102,3 +102,32 @@ def test_invalid_configuration_is_rejected(kwargs, match):
 def test_negative_step_is_rejected():
     with pytest.raises(ValueError, match="step"):
         LRSchedule("constant", 0.1, 10).lr_at(-1)
+
+
+def test_constant_warm_start_then_step_decay():
+    # He et al.'s ResNet-110 warm start: lr/10 held for the warmup, then the peak, then /10 at a milestone
+    schedule = LRSchedule("step", base_lr=0.1, total_steps=30, warmup_steps=2, milestones=(22,),
+                          warmup_start_lr=0.01, warmup_shape="constant")
+    assert [schedule.lr_at(s) for s in range(4)] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+    assert schedule.lr_at(21) == pytest.approx(0.1)
+    assert schedule.lr_at(22) == pytest.approx(0.01)
+    assert schedule.lr_at(29) == pytest.approx(0.01)
+    # a pure function of the step: any order of queries gives the same values
+    assert [schedule.lr_at(s) for s in (29, 0, 22, 1, 2)] == pytest.approx([0.01, 0.01, 0.01, 0.01, 0.1])
+
+
+def test_constant_warm_start_from_a_recipe_in_epochs():
+    from rtrain.config import ScheduleConfig
+
+    cfg = ScheduleConfig(kind="step", warmup_epochs=2, warmup_start_lr=0.01, warmup_shape="constant",
+                         milestones_epochs=[22.5])
+    schedule = LRSchedule.from_config(cfg, peak_lr=0.1, steps_per_epoch=10, total_steps=300)
+    assert (schedule.warmup_steps, schedule.milestones) == (20, (225,))
+    assert schedule.lr_at(19) == pytest.approx(0.01)
+    assert schedule.lr_at(20) == pytest.approx(0.1)
+    assert schedule.lr_at(225) == pytest.approx(0.01)
+
+
+def test_unknown_warmup_shape_is_named():
+    with pytest.raises(ValueError, match="unknown warmup shape 'cosine'"):
+        LRSchedule("step", base_lr=0.1, total_steps=10, warmup_steps=2, warmup_shape="cosine")
