@@ -165,6 +165,13 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
+def check_step_name(ckpt_dir: Path, manifest: dict) -> None:
+    """A step folder renamed by hand (or copied) must not pass for another step."""
+    match = STEP_DIR_PATTERN.fullmatch(ckpt_dir.name)
+    if match and int(match.group(1)) != manifest["step"]:
+        raise CheckpointError(f"{ckpt_dir}: {MANIFEST_NAME} says step {manifest['step']}, directory name disagrees")
+
+
 def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return "not a JSON object"
