@@ -155,7 +155,7 @@ class CheckpointManager:
             try:
                 loaded = self.load(path, shared_only=shared_only)
             except CheckpointError as error:
-                logger.warning("skipping checkpoint %s: %s", path, error)
+                logger.warning("skipping damaged checkpoint %s", error)  # the message names dir and file
                 damaged.append(damage.Damaged(path, str(error)))
                 continue
             skipped = ", ".join(found.path.name for found in damaged)

@@ -79,7 +79,7 @@ def test_all_damaged_refuses_and_leaves_them_byte_for_byte(digits_shards, traine
     assert "step-000000004" in last and "step-000000002" in last
     assert "checkpoint.on_all_damaged=restart" in last
     for step in ("step-000000002", "step-000000004"):  # one line per damaged checkpoint before it, naming why
-        assert any(step in line and "skipping checkpoint" in line for line in proc.stderr.splitlines())
+        assert any(step in line and "skipping damaged checkpoint" in line for line in proc.stderr.splitlines())
     assert _tree(ckpt_dir) == before
 
 
