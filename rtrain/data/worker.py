@@ -134,7 +134,7 @@ class RankBatches(IterableDataset):
         super().__init__()
         self.task = task
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, Any, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any, Tally]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         task = self.task
@@ -242,8 +242,8 @@ class SlotReader:
             if item.shard not in self.damaged_shards:  # once per shard and slot, at its first lost sample
                 self.damaged_shards.add(item.shard)
                 counts["skipped_shards"] += 1
-                log.warning("%s; skipping this reader's samples from there on (data.on_bad_sample=skip); %s",
-                            item.message, check_hint(self.task.source))
+                log.warning("%s; %s (data.on_bad_sample=skip); %s", item.message,
+                            "skipping the rest of it" if item.offset else "skipped", check_hint(self.task.source))
         else:
             counts["bad_samples"] += 1
             log.warning("%s; skipped (data.on_bad_sample=skip)", exc)
