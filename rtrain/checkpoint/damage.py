@@ -6,9 +6,10 @@ saying why). That happens when:
 - resuming falls back past damaged checkpoints to an older verified one: the newer damaged ones are moved
   aside, so that training passing their step again cannot save over them and pruning never counts them;
 - a save is about to publish a step whose folder already exists and fails verification;
+- pruning finds an older checkpoint whose manifest or file sizes are wrong (it is not counted as kept);
 - no checkpoint verifies and the recipe says `checkpoint.on_all_damaged: restart` (train from step 0).
 With the default `refuse`, a run whose checkpoints all fail verification does not start (CheckpointsDamaged)
-and touches nothing.
+and touches nothing. rtrain never empties `damaged/`: that is for a person to do.
 """
 
 from __future__ import annotations
@@ -81,12 +82,13 @@ def check_policy(on_all_damaged: str) -> None:
         raise ValueError(f"on_all_damaged must be one of {ON_ALL_DAMAGED}, got {on_all_damaged!r}")
 
 
-def damage_of(step_dir: Path) -> str | None:
-    """Why a published step folder fails verification (None: it verifies). Reads every file's bytes."""
+def damage_of(step_dir: Path, read_bytes: bool = True) -> str | None:
+    """Why a published step folder fails verification (None: it verifies). With `read_bytes` False only the
+    manifest and the file sizes are checked (cheap: no file is read)."""
     try:
         manifest = files.read_manifest(step_dir)
         files.check_step_name(step_dir, manifest)
-        files.verify_files(step_dir, manifest)
+        (files.verify_files if read_bytes else files.verify_sizes)(step_dir, manifest)
     except CheckpointError as error:
         return str(error)
     return None

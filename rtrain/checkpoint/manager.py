@@ -247,8 +247,16 @@ class CheckpointManager:
             # Only this timeline's older checkpoints count towards `keep`: newer ones (unknown, possibly
             # damaged) are neither kept in their place nor deleted; a save of their step replaces them
             # (commit.publish_dir moves a damaged one aside), and damaged ones found at resume are gone
-            # to damaged/ already. The just-published one, verified as written, always stays.
-            for old in [path for path in complete if path.name < saved_name][self.keep - 1:]:
+            # to damaged/ already. An older one failing the cheap checks (manifest, sizes) is moved aside,
+            # not counted. The just-published one, verified as written, always stays.
+            older = []
+            for path in (p for p in complete if p.name < saved_name):
+                why = damage.damage_of(path, read_bytes=False)
+                if why is None:
+                    older.append(path)
+                else:
+                    damage.move_aside(self.root, path, why)
+            for old in older[self.keep - 1:]:
                 logger.info("pruning %s (keep=%d)", old, self.keep)
                 files.remove_dir(old)
         for entry in self.root.iterdir():

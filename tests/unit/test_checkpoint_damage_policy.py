@@ -142,3 +142,15 @@ def test_keep_one_never_prunes_the_only_verified(tmp_path):
 def test_unknown_policy_is_refused(tmp_path):
     with pytest.raises(ValueError, match="on_all_damaged"):
         CheckpointManager(tmp_path).resume("ignore")
+
+
+def test_pruning_moves_an_older_damaged_one_aside_instead_of_keeping_it(tmp_path):
+    """Older checkpoints get the cheap checks (manifest, sizes) when pruning: a damaged one is not counted
+    towards keep (the verified ones are kept in its place) and is moved aside, not deleted."""
+    save_steps(CheckpointManager(tmp_path, keep=10), [1, 2, 3])
+    remove_manifest(step_dir(tmp_path, 2))
+    damaged = tree_digest(step_dir(tmp_path, 2))
+    manager = CheckpointManager(tmp_path, keep=3)
+    save_steps(manager, [4])
+    assert [p.name for p in manager.list()] == ["step-000000004", "step-000000003", "step-000000001"]
+    assert tree_digest(tmp_path / "damaged" / "step-000000002") == damaged
