@@ -54,6 +54,11 @@ def _files_below(directory: Path) -> list[Path]:
     return found
 
 
+def _has_files(directory: Path) -> bool:
+    """Any file below `directory` (stops at the first: cheap on ImageNet's 1,300-file folders)."""
+    return any(names for _, _, names in os.walk(directory))
+
+
 def _source_file(path: Path, src_root: Path, cls: int) -> SourceFile:
     return SourceFile(file_key(path.name), path.relative_to(src_root).as_posix(), cls, path.stat().st_size)
 
@@ -123,7 +128,7 @@ def discover_classes(src_root: Path, keep_empty: bool = False) -> dict[str, int]
     for split in ("train", "val"):
         split_root = src_root / split
         if split_root.is_dir() and not is_flat(split_root):
-            folders = [f for f in _class_folders(split_root) if keep_empty or _files_below(f)]
+            folders = [f for f in _class_folders(split_root) if keep_empty or _has_files(f)]
             if not folders:
                 raise ValueError(f"{split_root}: every class folder is empty")
             return {folder.name: i for i, folder in enumerate(folders)}
@@ -178,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", choices=JPEG_CHECKS, default="structure",
                         help="JPEG verification: header + scan structure (default), or a 1/8-scale decode")
     parser.add_argument("--keep-empty-classes", action="store_true",
-                        help="keep class folders without any file in the class list (indices as ImageFolder's "
-                             "with allow_empty=True); by default they are left out. Listed in the manifest either way")
+                        help="keep class folders without any file in the class list (indices as "
+                             "ImageFolder's with allow_empty=True); by default they are left out. Listed in the "
+                             "manifest either way")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
     parser.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead")
