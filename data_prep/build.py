@@ -28,6 +28,7 @@ class SplitSource:
     split: str
     files: list[SourceFile]
     stray: list[QuarantinedFile] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)  # class folders without any file
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class BuildOptions:
     shard_size: ShardSize = ShardSize()
     image_options: ImageOptions = ImageOptions()
     progress: bool = True
+    keep_empty_classes: bool = False
 
     def manifest_options(self) -> dict:
         # Only what determines the bytes: worker count, paths and Ray address do not belong here.
@@ -47,6 +49,7 @@ class BuildOptions:
             "max_side": self.image_options.max_side,
             "quality": self.image_options.quality,
             "check": self.image_options.check,
+            "keep_empty_classes": self.keep_empty_classes,
         }
 
 
@@ -114,6 +117,7 @@ def build_split(
         converted=dict(sorted(converted.items())),
         quarantined=sorted(quarantined, key=lambda q: q.path),
         options=options.manifest_options(),
+        empty_classes=sorted(source.empty_classes),
     )
     _write_manifest(split_dir, manifest)
     return SplitReport(

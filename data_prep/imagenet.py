@@ -7,6 +7,8 @@ Layouts: ``SRC/train/<wnid>/*`` and either ``SRC/val/<wnid>/*`` or a flat ``SRC/
 data_prep.ground_truth). The class list is the sorted train wnids (index = torchvision ImageFolder's).
 Writes ``OUT/{split}/{split}-{i:06d}.tar`` and ``OUT/{split}/manifest.json`` (format: rtrain.data.format).
 
+A class folder without any file is reported and left out of the class list (``--keep-empty-classes`` keeps
+it, and with it the class indices of a folder listing); the manifest lists it under ``empty_classes``.
 Every file below a class folder is an input: images are verified and sanitized (data_prep.quirks),
 anything unusable is quarantined and listed in the manifest with its reason, and a summary table closes
 the run. Keys are file names without extension (``n01440764_10026``, ``ILSVRC2012_val_00000001``).
@@ -52,6 +54,11 @@ def _files_below(directory: Path) -> list[Path]:
     return found
 
 
+def _has_files(directory: Path) -> bool:
+    """Any file below `directory` (stops at the first: cheap on ImageNet's 1,300-file folders)."""
+    return any(names for _, _, names in os.walk(directory))
+
+
 def _source_file(path: Path, src_root: Path, cls: int) -> SourceFile:
     return SourceFile(file_key(path.name), path.relative_to(src_root).as_posix(), cls, path.stat().st_size)
 
@@ -80,14 +87,22 @@ def _stray_files(split_root: Path, src_root: Path) -> list[QuarantinedFile]:
 
 
 def index_class_folders(split: str, src_root: Path, classes: dict[str, int]) -> SplitSource:
+    """Every file below the split's class folders; empty class folders are listed (`empty_classes`)."""
     split_root = src_root / split
-    files = []
+    files, empty = [], []
     for folder in _class_folders(split_root):
+        below = _files_below(folder)
+        if not below:
+            empty.append(folder.name)
+            continue
         if folder.name not in classes:
-            raise ValueError(f"{folder}: class folder {folder.name!r} is not among the train classes")
-        files.extend(_source_file(p, src_root, classes[folder.name]) for p in _files_below(folder))
+            left_out = (src_root / "train" / folder.name).is_dir() and split != "train"
+            hint = (" (its train folder is empty, so the class was left out; pass --keep-empty-classes to keep "
+                    "it)") if left_out else ""
+            raise ValueError(f"{folder}: class folder {folder.name!r} is not among the train classes{hint}")
+        files.extend(_source_file(p, src_root, classes[folder.name]) for p in below)
     _check_unique_keys(split, files)
-    return SplitSource(split, files, _stray_files(split_root, src_root))
+    return SplitSource(split, files, _stray_files(split_root, src_root), empty)
 
 
 def index_flat_val(src_root: Path, classes: dict[str, int], args: argparse.Namespace) -> SplitSource:
@@ -106,12 +121,17 @@ def is_flat(split_root: Path) -> bool:
     return not _class_folders(split_root)
 
 
-def discover_classes(src_root: Path) -> dict[str, int]:
-    """Sorted wnids of train/ (of val/ when there is no train/): ImageFolder's indices, for every split."""
+def discover_classes(src_root: Path, keep_empty: bool = False) -> dict[str, int]:
+    """Sorted wnids of train/ (of val/ when there is no train/), for every split. A class folder without any
+    file is left out (the later classes move down one index) unless `keep_empty`: then the indices are
+    ImageFolder's (`allow_empty=True`) and the class simply has no samples. Either way the manifests list it."""
     for split in ("train", "val"):
         split_root = src_root / split
         if split_root.is_dir() and not is_flat(split_root):
-            return {folder.name: i for i, folder in enumerate(_class_folders(split_root))}
+            folders = [f for f in _class_folders(split_root) if keep_empty or _has_files(f)]
+            if not folders:
+                raise ValueError(f"{split_root}: every class folder is empty")
+            return {folder.name: i for i, folder in enumerate(folders)}
     raise ValueError(f"{src_root}: no class folders under train/ or val/ to take the class list from")
 
 
@@ -119,7 +139,7 @@ def index_source(src_root: Path, splits: list[str], args: argparse.Namespace) ->
     for split in splits:
         if not (src_root / split).is_dir():
             raise ValueError(f"{src_root / split}: split folder not found")
-    classes = discover_classes(src_root)
+    classes = discover_classes(src_root, getattr(args, "keep_empty_classes", False))
     sources = []
     for split in splits:
         if split == "val" and is_flat(src_root / "val"):
@@ -162,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     parser.add_argument("--check", choices=JPEG_CHECKS, default="structure",
                         help="JPEG verification: header + scan structure (default), or a 1/8-scale decode")
+    parser.add_argument("--keep-empty-classes", action="store_true",
+                        help="keep class folders without any file in the class list (indices as "
+                             "ImageFolder's with allow_empty=True); by default they are left out. Listed in the "
+                             "manifest either way")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
     parser.add_argument("--workers", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead")
@@ -175,7 +199,8 @@ def _out_location(text: str) -> Path | str:
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
     shard_size = ShardSize(samples=None, bytes=args.shard_bytes) if args.shard_bytes else ShardSize(args.shard_size or 1000)
-    return BuildOptions(args.seed, shard_size, ImageOptions(args.max_side, args.quality, args.check), not args.no_progress)
+    return BuildOptions(args.seed, shard_size, ImageOptions(args.max_side, args.quality, args.check),
+                        not args.no_progress, getattr(args, "keep_empty_classes", False))
 
 
 def run(args: argparse.Namespace, run_jobs: JobRunner | None = None) -> list[SplitReport]:

@@ -24,6 +24,10 @@ def _rows(report: SplitReport) -> list[tuple[str, str]]:
         ("  reused from an earlier run", str(report.shards_reused)),
         ("bytes written", f"{sum(s.bytes for s in manifest.shards):,}"),
     ]
+    if manifest.empty_classes:
+        kept = [name for name in manifest.empty_classes if name in manifest.classes]
+        rows.append(("empty class folders", str(len(manifest.empty_classes))))
+        rows += [(f"  {name}", "kept (no samples)" if name in kept else "left out") for name in manifest.empty_classes]
     return rows
 
 

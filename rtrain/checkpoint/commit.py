@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rtrain._io import fsync_dir
-from rtrain.checkpoint import files
+from rtrain.checkpoint import damage, files
 from rtrain.checkpoint.files import (
     DONE_NAME,
     MANIFEST_NAME,
@@ -96,8 +96,11 @@ def read_done_marker(marker: Path, save_id: str) -> tuple[dict[str, FileDigest],
 
 
 def publish_dir(root: Path, tmp_dir: Path, final_dir: Path) -> None:
-    """Rename into place; an older dir of the same step is only removed once the new one is in."""
+    """Rename into place; an older dir of the same step is only removed once the new one is in, and only if
+    it verifies: a damaged one is moved to damaged/ (rtrain.checkpoint.damage), never saved over."""
     replaced = None
+    if final_dir.exists() and (why := damage.damage_of(final_dir)) is not None:
+        damage.move_aside(root, final_dir, why)
     if final_dir.exists():
         replaced = final_dir.with_name(f"{files.TRASH_PREFIX}{final_dir.name}-{uuid.uuid4().hex[:12]}")
         os.rename(final_dir, replaced)

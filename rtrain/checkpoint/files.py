@@ -166,6 +166,13 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
+def check_step_name(ckpt_dir: Path, manifest: dict) -> None:
+    """A step folder renamed by hand (or copied) must not pass for another step."""
+    match = STEP_DIR_PATTERN.fullmatch(ckpt_dir.name)
+    if match and int(match.group(1)) != manifest["step"]:
+        raise CheckpointError(f"{ckpt_dir}: {MANIFEST_NAME} says step {manifest['step']}, directory name disagrees")
+
+
 def _manifest_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict):
         return "not a JSON object"
@@ -192,7 +199,17 @@ def _manifest_problem(manifest: Any) -> str | None:
 def verify_files(ckpt_dir: Path, manifest: dict) -> None:
     """Check size and sha256 of every file the manifest lists (sizes first: cheap and catches truncation)."""
     files = manifest["files"]
+    verify_sizes(ckpt_dir, manifest)
+    with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="rtrain-ckpt-verify") as pool:
+        actual = dict(zip(files, pool.map(lambda name: _sha256_or_reason(ckpt_dir / name), files)))
     for name, entry in files.items():
+        if actual[name] != entry["sha256"]:
+            raise CheckpointError(f"{ckpt_dir}: file {name} fails its sha256 check (corrupted)")
+
+
+def verify_sizes(ckpt_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists is there with its size: what can be checked without reading them."""
+    for name, entry in manifest["files"].items():
         path = ckpt_dir / name
         try:
             size = path.stat().st_size
@@ -202,11 +219,6 @@ def verify_files(ckpt_dir: Path, manifest: dict) -> None:
             raise CheckpointError(
                 f"{ckpt_dir}: file {name} has {size} bytes, manifest says {entry['size']} (truncated?)"
             )
-    with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="rtrain-ckpt-verify") as pool:
-        actual = dict(zip(files, pool.map(lambda name: _sha256_or_reason(ckpt_dir / name), files)))
-    for name, entry in files.items():
-        if actual[name] != entry["sha256"]:
-            raise CheckpointError(f"{ckpt_dir}: file {name} fails its sha256 check (corrupted)")
 
 
 def _sha256_or_reason(path: Path) -> str:

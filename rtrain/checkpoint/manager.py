@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtrain.checkpoint import commit, files, snapshot
+from rtrain.checkpoint import commit, damage, files, snapshot
 from rtrain.checkpoint.commit import RankCommit, SaveJob
-from rtrain.checkpoint.files import MANIFEST_NAME, SHARED_DIR, STATE_SUFFIX, CheckpointError
+from rtrain.checkpoint.files import SHARED_DIR, STATE_SUFFIX, CheckpointError
 
 logger = logging.getLogger("rtrain.checkpoint")  # one logger for the package, as before the split
 
@@ -131,23 +131,43 @@ class CheckpointManager:
         return [path for _, path in sorted(found, reverse=True)]
 
     def latest(self, shared_only: bool = False) -> Loaded | None:
-        """Newest checkpoint that verifies, falling back to older ones past damaged ones."""
-        skipped = []
+        """Newest checkpoint that verifies, falling back to older ones past damaged ones (read only)."""
+        return self._scan(shared_only)[0]
+
+    def resume(self, on_all_damaged: str = "refuse") -> Loaded | None:
+        """latest() for a run about to train into this root (rtrain.checkpoint.damage): damaged checkpoints
+        newer than the one resumed from are moved to `damaged/` (by rank 0) so that nothing is saved over
+        them; when checkpoints exist but none verifies, raise CheckpointsDamaged (`refuse`, touching nothing)
+        or move them all aside and return None (`restart`: train from step 0)."""
+        damage.check_policy(on_all_damaged)
+        loaded, damaged = self._scan(shared_only=False)
+        if damaged and loaded is None and on_all_damaged == "refuse":
+            raise damage.refusal(self.root, damaged)
+        if self.rank == 0:
+            for found in damaged:
+                damage.move_aside(self.root, found.path, found.reason)
+        return loaded
+
+    def _scan(self, shared_only: bool) -> tuple[Loaded | None, list[damage.Damaged]]:
+        """The newest checkpoint that verifies and the newer ones that did not (newest first)."""
+        damaged: list[damage.Damaged] = []
         for path in self.list():
             try:
                 loaded = self.load(path, shared_only=shared_only)
             except CheckpointError as error:
-                logger.warning("skipping checkpoint %s: %s", path, error)
-                skipped.append(path.name)
+                logger.warning("skipping damaged checkpoint %s", error)  # the message names dir and file
+                damaged.append(damage.Damaged(path, str(error)))
                 continue
-            because = f" (newer ones failed verification: {', '.join(skipped)})" if skipped else ""
+            skipped = ", ".join(found.path.name for found in damaged)
+            because = f" (newer ones failed verification: {skipped})" if damaged else ""
             logger.info("using checkpoint %s, step %d%s", path, loaded.step, because)
-            return loaded
-        if skipped:
-            logger.warning("no usable checkpoint in %s: all of %s failed verification", self.root, skipped)
+            return loaded, damaged
+        if damaged:
+            logger.warning("no usable checkpoint in %s: all of %s failed verification", self.root,
+                           [found.path.name for found in damaged])
         else:
             logger.info("no checkpoint in %s", self.root)
-        return None
+        return None, damaged
 
     def load(self, path: str | os.PathLike, shared_only: bool = False) -> Loaded:
         """Verify every file against the manifest, then load shared states and this rank's own (none with
@@ -156,9 +176,7 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint directory")
         manifest = files.read_manifest(path)
-        name_match = files.STEP_DIR_PATTERN.fullmatch(path.name)
-        if name_match and int(name_match.group(1)) != manifest["step"]:
-            raise CheckpointError(f"{path}: {MANIFEST_NAME} says step {manifest['step']}, directory name disagrees")
+        files.check_step_name(path, manifest)
         files.verify_files(path, manifest)
         own_dir = files.rank_dir_name(self.rank)
         shared: dict[str, Any] = {}
@@ -226,7 +244,19 @@ class CheckpointManager:
                 "latest() will prefer them", saved_name, self.root, ", ".join(newer),
             )
         if self.keep is not None:
-            for old in [path for path in complete if path.name != saved_name][self.keep - 1:]:
+            # Only this timeline's older checkpoints count towards `keep`: newer ones (unknown, possibly
+            # damaged) are neither kept in their place nor deleted; a save of their step replaces them
+            # (commit.publish_dir moves a damaged one aside), and damaged ones found at resume are gone
+            # to damaged/ already. An older one failing the cheap checks (manifest, sizes) is moved aside,
+            # not counted. The just-published one, verified as written, always stays.
+            older = []
+            for path in (p for p in complete if p.name < saved_name):
+                why = damage.damage_of(path, read_bytes=False)
+                if why is None:
+                    older.append(path)
+                else:
+                    damage.move_aside(self.root, path, why)
+            for old in older[self.keep - 1:]:
                 logger.info("pruning %s (keep=%d)", old, self.keep)
                 files.remove_dir(old)
         for entry in self.root.iterdir():

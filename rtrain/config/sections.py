@@ -212,6 +212,10 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
     resume: str = Field("auto", description="auto = newest verified checkpoint if any; never; or a step-N path.")
+    on_all_damaged: Literal["refuse", "restart"] = Field(
+        "refuse", description="resume: auto when checkpoints exist but none verifies: refuse = do not start "
+        "(exit 1, naming each damaged checkpoint; nothing is touched); restart = move them to "
+        "<checkpoint dir>/damaged/ (never deleted) and train from step 0.")
     preempt_grace_s: float = Field(
         60.0, gt=0, description="After SIGTERM/SIGUSR1/SIGINT: how long the launcher waits for every rank to "
         "stop at the next step and write its checkpoint before it kills them.")

@@ -12,6 +12,9 @@ readable by older rtrain), as version 2 otherwise (older rtrain then refuses it 
 - `shard_root`: where the shards are. Null = beside the manifest (data_prep's own output). Otherwise an
   absolute path or a URL (`s3://bucket/prefix`, `https://...`), or a path relative to the manifest's folder
   (`../mirror/train`). A shard's location is `{shard_root}/{name}`; a `name` may hold `/` (sub-folders).
+
+`empty_classes` (optional, any version; written only when not empty) lists the class folders data_prep found
+without any file: left out of `classes` by default, still in it with `--keep-empty-classes`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class Manifest:
     keys: SampleKeys = field(default_factory=SampleKeys)
     shard_root: str | None = None
     version: int = MANIFEST_VERSION
+    empty_classes: list[str] = field(default_factory=list)  # class folders data_prep found without any file
 
     @property
     def format_version(self) -> int:
@@ -96,7 +100,10 @@ class Manifest:
         return len(self.classes)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "version": self.format_version}, indent=1, sort_keys=True)
+        raw = {**asdict(self), "version": self.format_version}
+        if not self.empty_classes:  # written only when there are some: other manifests stay as they were
+            del raw["empty_classes"]
+        return json.dumps(raw, indent=1, sort_keys=True)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "manifest") -> "Manifest":
@@ -115,6 +122,7 @@ class Manifest:
                 keys=SampleKeys(**raw.get("keys", {})),
                 shard_root=str(root) if root else None,
                 version=version,
+                empty_classes=[str(name) for name in raw.get("empty_classes", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}: not a valid rtrain manifest ({exc!r})") from exc

@@ -11,6 +11,7 @@ Contract (the engine relies on it):
 - batches are (images uint8 N,3,H,W [channels_last memory if configured], labels int64 N); a sample skipped
   under `on_bad_sample: skip` makes its batch one shorter, it never shifts later batches.
 - `state_dict()` covers exactly the batches handed to the caller (not those prefetched by workers).
+- `stats` counts skipped samples, `skipped_by_shard` the same per shard; both are part of the state.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class ShardLoader:
     def stats(self) -> dict[str, int]:
         return dict(self._state.stats)
 
+    @property
+    def skipped_by_shard(self) -> dict[str, int]:
+        """Samples skipped under `data.on_bad_sample: skip`, per shard (manifest name), on this rank."""
+        return dict(sorted(self._state.skipped_by_shard.items()))
+
     def __len__(self) -> int:
         return sum(done for _, done in self._state.history_layouts()) + self._geometry().batches_per_rank
 
@@ -113,7 +119,7 @@ class ShardLoader:
             for sizes in geometry.rank_sizes
         ]
         snapshot = LoaderState(state.split, state.train, state.seed, state.epoch, state.num_samples,
-                               state.layout, done, state.history, state.stats)
+                               state.layout, done, state.history, state.stats, state.skipped_by_shard)
         return snapshot.to_dict(consumed)
 
     def load_state_dict(self, raw: dict[str, Any]) -> None:
@@ -131,7 +137,7 @@ class ShardLoader:
         if saved.layout != self.layout and done > 0:
             history, done = history + [saved.layout.as_list() + [done]], 0
         self._state = LoaderState(self.split, self.train, self.seed, saved.epoch, saved.num_samples,
-                                  self.layout, done, history, dict(saved.stats))
+                                  self.layout, done, history, dict(saved.stats), dict(saved.skipped_by_shard))
         self._held_ahead = 0
 
     def _check_consumed(self, saved: LoaderState, slot_consumed: Any) -> None:
@@ -201,9 +207,10 @@ class EpochIterator:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.loader._state
         while True:
-            images, labels, ids, stats = next(self._items)
-            for key, value in stats.items():
-                state.stats[key] = state.stats.get(key, 0) + int(value)
+            images, labels, ids, tally = next(self._items)
+            state.add_skips(tally.counts, tally.by_shard)
+            if tally.failure is not None:  # on_bad_sample: raise, from a worker (see rtrain.data.worker)
+                raise tally.failure
             if images is not None:
                 if self.loader.ledger is not None:
                     self.loader.ledger.record(state.epoch, len(state.history), state.batches_done, ids)

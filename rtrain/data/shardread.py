@@ -27,10 +27,27 @@ class RawSample:
 
 @dataclass(frozen=True)
 class ShardDamage:
-    """Why the positions a slot still needed from a shard never arrived."""
+    """Why the positions a slot still needed from a shard never arrived: the shard is unusable from sample
+    `offset` (its position in the shard) on; the samples before it were delivered."""
 
     shard: str
-    reason: str
+    offset: int
+    count: int  # samples the manifest lists
+    cause: str
+
+    @property
+    def message(self) -> str:
+        if self.offset == 0:
+            return f"shard {self.shard}: {self.cause}: none of its {self.count} samples is usable"
+        return f"shard {self.shard}: damaged from sample {self.offset} of {self.count}: {self.cause}"
+
+
+def damage_from_error(shard: str, error: Exception, offset: int, count: int) -> ShardDamage:
+    """A ShardError ("shard <location>: why" or "<location>: why") as damage from `offset` on."""
+    text = " ".join(str(error).split())
+    for prefix in (f"shard {shard}: ", f"{shard}: "):
+        text = text.removeprefix(prefix)
+    return ShardDamage(shard, offset, count, text)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -46,7 +63,8 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_
 
     Only the members named in `fields` (extensions) are read. A wanted position that the tar does not deliver
     (truncated or short shard, unreadable member) is yielded as (position, ShardDamage) after the readable
-    ones, so a consumer never waits for it.
+    ones, so a consumer never waits for it. Every sample before the damage whose fields were read completely
+    is delivered: a truncated shard still gives its readable prefix.
     """
     pending = set(wanted)
     last = max(wanted) if wanted else -1
@@ -68,16 +86,24 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_
                     sample = RawSample(shard, member_key)
             if sample is not None and ext in fields:
                 sample.fields[ext] = _read_member(tar, member)
-        else:
-            if sample is not None:
+        else:  # tarfile ends quietly at a header cut short: a tar that ends early was cut
+            cut = position + 1 < expected_count
+            complete = sample is not None and all(f in sample.fields for f in fields)
+            if sample is not None and (complete or not cut):  # an intact tar's incomplete sample: a bad sample
                 pending.discard(position)
                 yield position, sample
-            if position + 1 < expected_count:
-                damage = ShardDamage(shard, f"{position + 1} samples, manifest says {expected_count}")
+            if cut:  # (a sample this slot did not read counts as incomplete: its data was not looked at)
+                ends = position + 1 if complete else max(position, 0)
+                damage = ShardDamage(shard, ends, expected_count, f"the tar ends after {ends} complete samples")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        damage = ShardDamage(shard, f"unreadable after sample {position} ({exc})")
+        complete = sample is not None and all(f in sample.fields for f in fields)
+        if complete:  # its members were all read; the next header is what failed
+            pending.discard(position)
+            yield position, sample
+        cause = " ".join(str(exc).split()) or type(exc).__name__
+        damage = ShardDamage(shard, max(position + complete, 0), expected_count, cause)
     if pending:
-        damage = damage or ShardDamage(shard, "ended before the wanted samples")
+        damage = damage or ShardDamage(shard, min(pending), expected_count, "ended before the wanted samples")
         for missing in sorted(pending):
             yield missing, damage
 

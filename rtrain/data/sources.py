@@ -5,7 +5,8 @@ The manifest is `{source}/{split}/manifest.json`; the shards are beside it unles
 `shard_root` (rtrain.data.format). Local shards are opened seekable, so the members a slot does not need are
 stepped over without reading their data; HTTP(S) shards are streamed in one GET each; fsspec shards are read
 through range requests (see stores). With `verify_sha256` a remote shard is downloaded to a temporary file and
-hashed completely before any of its samples is used, so a corrupt shard never contributes a sample.
+hashed completely before any of its samples is used, so a corrupt shard never contributes a sample. Without
+it, a truncated shard contributes the samples before the damage (rtrain.data.shardread).
 """
 
 from __future__ import annotations
@@ -76,11 +77,15 @@ class ShardSource:
             yield tar
 
     def _check_local(self, entry: ShardEntry, where: str, verify_sha256: bool) -> None:
+        """A shard shorter than the manifest says is opened anyway (unless every byte must verify): the tar
+        reader delivers its samples up to where the bytes end and names the first one missing. A longer
+        one, or one failing its sha256, may be altered anywhere and is not used at all."""
         if not os.path.isfile(where):
             raise ShardError(f"shard {where}: missing")
         size = os.path.getsize(where)
-        if size != entry.bytes:
-            raise ShardError(f"shard {where}: {size} bytes, manifest says {entry.bytes} (truncated?)")
+        if size > entry.bytes or (size < entry.bytes and verify_sha256):
+            kind = "truncated; data.verify_sha256 uses no unverified bytes" if size < entry.bytes else "rewritten?"
+            raise ShardError(f"shard {where}: {size} bytes, manifest says {entry.bytes} ({kind})")
         if verify_sha256 and sha256_file(where) != entry.sha256:
             raise ShardError(f"shard {where}: sha256 does not match the manifest")
 

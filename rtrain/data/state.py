@@ -32,6 +32,13 @@ class LoaderState:
     batches_done: int = 0
     history: list[list[int]] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
+    skipped_by_shard: dict[str, int] = field(default_factory=dict)  # manifest shard name -> samples skipped
+
+    def add_skips(self, counts: dict[str, int], by_shard: dict[str, int]) -> None:
+        for key, value in counts.items():
+            self.stats[key] = self.stats.get(key, 0) + int(value)
+        for name, value in by_shard.items():
+            self.skipped_by_shard[name] = self.skipped_by_shard.get(name, 0) + int(value)
 
     def history_layouts(self) -> list[tuple[Layout, int]]:
         return [(Layout(w, b, k, buf, self.train), done) for w, b, k, buf, done in self.history]
@@ -52,6 +59,7 @@ class LoaderState:
             "slot_consumed": [list(map(int, row)) for row in slot_consumed],
             "history": [list(map(int, entry)) for entry in self.history],
             "stats": {k: int(v) for k, v in self.stats.items()},
+            "skipped_by_shard": {k: int(v) for k, v in sorted(self.skipped_by_shard.items())},
         }
 
 
@@ -81,9 +89,10 @@ def parse_state(raw: dict[str, Any]) -> LoaderState:
         raise ValueError("loader state: 'history' entries must be [world, batch, slots, buffer, done]")
     stats = dict.fromkeys(STAT_KEYS, 0)
     stats.update({str(k): int(v) for k, v in _field(raw, "stats", dict).items()})
+    by_shard = {str(k): int(v) for k, v in raw.get("skipped_by_shard", {}).items()}  # optional: added later
     return LoaderState(
         split=_field(raw, "split", str), train=train, seed=_field(raw, "seed", int),
         epoch=_field(raw, "epoch", int), num_samples=_field(raw, "split_samples", int), layout=layout,
         batches_done=_field(raw, "batches_done", int), history=[[int(x) for x in e] for e in history],
-        stats=stats,
+        stats=stats, skipped_by_shard=by_shard,
     )

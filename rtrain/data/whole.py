@@ -18,7 +18,7 @@ import torch
 
 from rtrain.data.decode import FAST_DENOMINATORS, DecodeError, SourceImage, decode_scaled, probe
 from rtrain.data.format import ShardEntry, decode_label
-from rtrain.data.shardread import RawSample, ShardDamage, read_positions
+from rtrain.data.shardread import RawSample, ShardDamage, damage_from_error, read_positions
 from rtrain.data.sources import ShardError, ShardSource
 from rtrain.data.state import STAT_KEYS
 from rtrain.data.worker import SampleError
@@ -98,14 +98,15 @@ class WholeImageLoader:
                     delivered.add(position)
                     yield item
         except ShardError as exc:
-            for _ in sorted(positions - delivered):
-                yield ShardDamage(location, str(exc))
+            missing = sorted(positions - delivered)
+            for _ in missing:
+                yield damage_from_error(location, exc, missing[0], entry.count)
 
     def _prepare(self, item: RawSample | ShardDamage) -> tuple[torch.Tensor, int] | None:
         """(image, label), or None for a sample skipped under `data.on_bad_sample: skip` (counted)."""
         try:
             if isinstance(item, ShardDamage):
-                raise ShardError(f"shard {item.shard}: {item.reason}")
+                raise ShardError(item.message)
             return self._decode(item)
         except (ShardError, SampleError) as exc:
             if self.cfg.on_bad_sample != "skip":

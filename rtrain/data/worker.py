@@ -8,12 +8,20 @@ keeps the round robin, and therefore the batch order, independent of timing.
 A slot reads its shards in order and keeps the raw bytes of samples it has read but not yet emitted (at most
 the shuffle buffer's worth, as in a streaming shuffle buffer), and emits them in the plan's shuffled order;
 each is decoded only when it is emitted. Samples the slot already emitted before a resume are never read.
+
+Bad data (rtrain.data.shardread finds where a shard's bytes end): under `data.on_bad_sample: skip` each
+skipped sample is counted, per shard too, and the first damaged sample of a shard is logged naming the shard
+and the position it fails from; the samples before it are used. Under `raise` the error travels to the
+rank's main process as data (a `Tally` with `failure`) and is raised there with its own one-line message:
+through DataLoader's own re-raise it would become "Caught ShardError in DataLoader worker process 0" plus a
+traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,14 +32,33 @@ from rtrain._errors import ExpectedError
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
-from rtrain.data.shardread import RawSample, ShardDamage, read_positions
+from rtrain.data.shardread import RawSample, ShardDamage, damage_from_error, read_positions
 from rtrain.data.sources import ShardError, ShardSource
 from rtrain.data.state import STAT_KEYS
 from rtrain.data.transforms import TransformConfig, make_view
 
+log = logging.getLogger("rtrain.data")
+
 
 class SampleError(ExpectedError, ValueError):
     """A sample cannot be used (undecodable image, missing field, bad label); names shard and key."""
+
+
+@dataclass
+class Tally:
+    """What a slot reports with each item: skip counts (STAT_KEYS), samples skipped per shard (manifest
+    name), and under `on_bad_sample: raise` the error that ended the slot."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
+    by_shard: dict[str, int] = field(default_factory=dict)
+    failure: Exception | None = None
+
+
+def check_hint(source: ShardSource) -> str:
+    """What to run to find every bad shard of a split at once."""
+    if source.remote:
+        return f"re-check the shards with: python -m data_prep.index {source.shard_root} --out DIR"
+    return f"check the shards with: python -m data_prep.verify {source.location}"
 
 
 @dataclass(frozen=True)
@@ -102,14 +129,13 @@ class BatchAssembler:
 
 
 class RankBatches(IterableDataset):
-    """Iterable over (images, labels, sample ids, stat increments) items; (None, None, None, stats) pads
-    the end."""
+    """Iterable over (images, labels, sample ids, Tally) items; (None, None, None, tally) pads the end."""
 
     def __init__(self, task: EpochTask):
         super().__init__()
         self.task = task
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, Any, dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any, Tally]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         task = self.task
@@ -119,10 +145,16 @@ class RankBatches(IterableDataset):
         items = -(-task.batches_left // slots)
         produced = 0
         reader = SlotReader(task, (task.batches_done + worker) % slots)
-        for produced, item in enumerate(reader.batches(), start=1):
-            yield item
+        try:
+            for produced, item in enumerate(reader.batches(), start=1):
+                yield item
+        except (ShardError, SampleError) as exc:  # on_bad_sample: raise; the main process raises it
+            tally = reader.take_tally()
+            tally.failure = exc
+            yield None, None, None, tally
+            return
         for _ in range(items - produced):
-            yield None, None, None, reader.take_stats()
+            yield None, None, None, reader.take_tally()
 
 
 class SlotReader:
@@ -136,15 +168,15 @@ class SlotReader:
         self.batch_sizes = self.plan.batch_sizes[done:]
         consumed = sum(self.plan.batch_sizes[:done])
         self.emission = task.pool[self.plan.emission[consumed:]]
-        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.tally = Tally()
         self.damaged_shards: set[str] = set()
         self.pixels = PixelBuffer()
 
-    def take_stats(self) -> dict[str, int]:
-        stats, self.stats = self.stats, dict.fromkeys(STAT_KEYS, 0)
-        return stats
+    def take_tally(self) -> Tally:
+        tally, self.tally = self.tally, Tally()
+        return tally
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int], dict[str, int]]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int], Tally]]:
         task = self.task
         assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last)
         for sample_id, item in self._samples_in_emission_order():
@@ -152,7 +184,7 @@ class SlotReader:
             assembler.add(image, label, int(sample_id))
             if assembler.full:
                 images, labels, ids = assembler.take()
-                yield images, labels, ids, self.take_stats()
+                yield images, labels, ids, self.take_tally()
 
     def _read_runs(self) -> Iterator[tuple[int, list[int]]]:
         """(shard index, wanted positions) in reading order, for shards holding remaining samples."""
@@ -181,14 +213,12 @@ class SlotReader:
     def _read_shard(self, shard_index: int,
                     positions: list[int]) -> Iterator[tuple[int, RawSample | ShardDamage]]:
         entry = self.task.shards[shard_index]
+        location = self.task.source.shard_location(entry.name)
         try:
             with self.task.source.open_shard(entry, self.task.verify_sha256) as tar:
-                yield from read_positions(tar, self.task.source.shard_location(entry.name),
-                                          set(positions), entry.count, self.task.keys.fields)
-        except ShardError as exc:
-            if not self.task.skip_bad:
-                raise
-            damage = ShardDamage(self.task.source.shard_location(entry.name), str(exc))
+                yield from read_positions(tar, location, set(positions), entry.count, self.task.keys.fields)
+        except ShardError as exc:  # opening failed: no sample of it is used
+            damage = damage_from_error(location, exc, 0, entry.count)
             for position in positions:
                 yield position, damage
 
@@ -196,18 +226,28 @@ class SlotReader:
         """(image, label), or (None, None) for a sample skipped under the `skip` policy."""
         try:
             if isinstance(item, ShardDamage):
-                raise ShardError(f"shard {item.shard}: {item.reason}")
+                raise ShardError(item.message)
             return self._decode(item)
         except (ShardError, SampleError) as exc:
             if not self.task.skip_bad:
-                raise
-            if isinstance(exc, ShardError) and item.shard not in self.damaged_shards:
-                self.damaged_shards.add(item.shard)
-                self.stats["skipped_shards"] += 1
-            if isinstance(exc, SampleError):
-                self.stats["bad_samples"] += 1
-            self.stats["skipped_samples"] += 1
+                raise type(exc)(f"{exc} (data.on_bad_sample=raise); {check_hint(self.task.source)}") from None
+            self._count_skip(sample_id, item, exc)
             return None, None
+
+    def _count_skip(self, sample_id: int, item: RawSample | ShardDamage, exc: Exception) -> None:
+        counts = self.tally.counts
+        shard = self.task.shards[int(np.searchsorted(self.task.offsets, sample_id, side="right")) - 1].name
+        self.tally.by_shard[shard] = self.tally.by_shard.get(shard, 0) + 1
+        counts["skipped_samples"] += 1
+        if isinstance(item, ShardDamage):
+            if item.shard not in self.damaged_shards:  # once per shard and slot, at its first lost sample
+                self.damaged_shards.add(item.shard)
+                counts["skipped_shards"] += 1
+                log.warning("%s; %s (data.on_bad_sample=skip); %s", item.message,
+                            "skipping the rest of it" if item.offset else "skipped", check_hint(self.task.source))
+        else:
+            counts["bad_samples"] += 1
+            log.warning("%s; skipped (data.on_bad_sample=skip)", exc)
 
     def _decode(self, sample: RawSample) -> tuple[torch.Tensor, int]:
         task = self.task

@@ -264,11 +264,27 @@ class _Fit:
 
     def _summary(self) -> dict[str, Any]:
         s = self.p.state
-        stats = getattr(self.p.train_loader, "stats", {}) or {}
+        skipped, by_shard = _skips_over_ranks(self.p.train_loader)
         return {"step": s.step, "epoch": s.epoch, "samples_seen": s.samples_seen, "train_loss": self.last_loss,
                 "val_top1": self.last_eval.get("top1"), "val_top5": self.last_eval.get("top5"),
                 "best_top1": s.best_top1, "skipped_steps": s.skipped_steps,
-                "skipped_samples": int(stats.get("skipped_samples", 0)), "images_per_s": self.images_per_s}
+                "skipped_samples": skipped, "skipped_by_shard": by_shard, "images_per_s": self.images_per_s}
+
+
+def _skips_over_ranks(loader: Any) -> tuple[int, dict[str, int]]:
+    """Samples the train loader skipped (bad data, `data.on_bad_sample: skip`), in all and per shard, summed
+    over every rank: each rank reads other shards. Called by every rank (a collective)."""
+    stats = getattr(loader, "stats", {}) or {}
+    mine = (int(stats.get("skipped_samples", 0)), dict(getattr(loader, "skipped_by_shard", {}) or {}))
+    every: list[Any] = [mine]
+    if dist.is_available() and dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    by_shard: dict[str, int] = {}
+    for _, shards in every:
+        for name, count in shards.items():
+            by_shard[name] = by_shard.get(name, 0) + count
+    return sum(count for count, _ in every), dict(sorted(by_shard.items()))
 
 
 def fit(parts: FitParts) -> dict[str, Any]:

@@ -73,7 +73,15 @@ def _ray_failure_message(exc: Exception, recipe: Recipe, max_failures: int) -> s
         causes = [rank for rank, error in failures.items() if not lost_a_peer(error)]
         rank = min(causes or failures)
         cause = f"rank {rank} failed: {_first_line(failures[rank])}"
+        if _refused_checkpoints(failures[rank]):  # its message says what to do; there is nothing to resume
+            return f"Ray Train run {recipe.run.name!r} failed: {cause}"
     return f"Ray Train run {recipe.run.name!r} failed: {cause}; {_resume_hint(recipe)}"
+
+
+def _refused_checkpoints(error: BaseException) -> bool:
+    from rtrain.checkpoint import CheckpointsDamaged
+
+    return isinstance(error, CheckpointsDamaged)
 
 
 def _resume_hint(recipe: Recipe) -> str:

@@ -126,8 +126,8 @@ def _resume(recipe: Recipe, manager: CheckpointManager) -> Loaded | None:
     choice = recipe.checkpoint.resume
     if choice == "never":
         return None
-    if choice == "auto":
-        return manager.latest()
+    if choice == "auto":  # damaged checkpoints: moved aside or refused, never trained over (checkpoint.damage)
+        return manager.resume(recipe.checkpoint.on_all_damaged)
     return manager.load(choice)
 
 
