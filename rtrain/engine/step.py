@@ -21,6 +21,8 @@ class StepResult:
     loss: torch.Tensor  # mean loss over the step's micro-batches, detached, on the device
     stepped: bool
     found_inf: bool
+    # (top-1 correct, top-5 correct, samples) of this rank's batch, as trained on (before the update)
+    hits: torch.Tensor | None = None
 
 
 class Normalizer:
@@ -58,6 +60,7 @@ class TrainStep:
             raise ValueError(f"batch of {len(images)} cannot be split into "
                              f"train.accumulation_steps={self.accumulation_steps} micro-batches")
         total = torch.zeros((), device=device)
+        hits = torch.zeros(3, device=device)
         for i, (x, y) in enumerate(zip(micro_images, micro_labels)):
             last = i == self.accumulation_steps - 1
             with self.backend.micro_context(last):
@@ -67,6 +70,16 @@ class TrainStep:
                                        label_smoothing=self.label_smoothing)
                 self.backend.backward(loss / self.accumulation_steps)
             total += loss.detach()
+            hits += top_hits(logits.detach(), y.to(device, non_blocking=True))
         outcome = self.backend.step()
         return StepResult(loss=total / self.accumulation_steps, stepped=outcome.stepped,
-                          found_inf=outcome.found_inf)
+                          found_inf=outcome.found_inf, hits=hits)
+
+
+def top_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 correct, top-5 correct, samples) as floats: the training error curves of the paper."""
+    k = min(5, logits.shape[1])
+    top = logits.float().topk(k, dim=1).indices
+    match = top == labels.view(-1, 1)
+    return torch.stack([match[:, 0].sum(), match.any(dim=1).sum(), torch.tensor(len(labels), device=logits.device)]
+                       ).float()

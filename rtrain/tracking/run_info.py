@@ -21,6 +21,7 @@ TAG_RAY_JOB = "rtrain.ray_job_id"
 TAG_SLURM_JOB = "rtrain.slurm_job_id"
 TAG_SLURM_RESTARTS = "rtrain.slurm_restart_count"
 TAG_ERROR = "rtrain.error"
+TAG_STEPS_PER_EPOCH = "rtrain.steps_per_epoch"
 ERROR_TAG_LIMIT = 5000
 
 
@@ -65,9 +66,11 @@ def _ray_job_id() -> str | None:
     return ray.get_runtime_context().get_job_id()
 
 
-def describe_run(world_size: int) -> dict[str, str]:
+def describe_run(world_size: int, steps_per_epoch: int | None = None) -> dict[str, str]:
     """Tags of this start of the run. Every rank must call it (it gathers the host names)."""
     tags = {TAG_VERSION: rtrain_version(), TAG_WORLD_SIZE: str(world_size), TAG_HOSTS: ",".join(_hosts())}
+    if steps_per_epoch:
+        tags[TAG_STEPS_PER_EPOCH] = str(steps_per_epoch)  # `rtrain compare` plots against epochs with it
     if commit := git_commit():
         tags[TAG_GIT_COMMIT] = commit
     if job := _ray_job_id():
