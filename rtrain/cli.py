@@ -1,9 +1,10 @@
-"""`rtrain` console script: launch | validate | models | eval | export
+"""`rtrain` console script: launch | validate | models | eval | export | compare
 
 Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
 does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
 (a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
-`rtrain: ...` line on stderr and exit code 2.
+`rtrain: ...` line on stderr and exit code 2. `compare` does the same for a store, experiment or metric it
+cannot read, and exits 1 (one line) when no run matches.
 """
 
 from __future__ import annotations
@@ -71,8 +72,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return _run_checkpoint_command(export_checkpoint.run, args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rtrain.commands import compare_runs
+    from rtrain.tracking.compare import CompareError, NoRunsError
+
+    try:
+        return compare_runs.run(args)
+    except NoRunsError as exc:
+        print(f"rtrain: {exc}", file=sys.stderr)
+        return 1
+    except (CompareError, OSError) as exc:
+        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
-    from rtrain.commands.arguments import add_eval_arguments, add_export_arguments  # imports no torch
+    from rtrain.commands.arguments import (  # imports no torch
+        add_compare_arguments,
+        add_eval_arguments,
+        add_export_arguments,
+    )
 
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint on the val split (center, 10-crop, "
                        "multi-scale)")
@@ -81,6 +100,10 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a checkpoint's weights as a torchvision state dict")
     add_export_arguments(p)
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("compare", help="MLflow runs side by side: differing recipe keys, final/best metrics, "
+                       "a PNG of their curves in the paper's style")
+    add_compare_arguments(p)
+    p.set_defaults(func=_cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

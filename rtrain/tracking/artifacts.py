@@ -16,12 +16,12 @@ from torch import nn
 
 from rtrain.engine.responses import layer_responses
 from rtrain.tracking.mlflow import OUTBOX_DIR
+from rtrain.tracking.run_info import RESPONSE_KEY
 
 log = logging.getLogger("rtrain.tracking")
 TAG_CHECKPOINT = "rtrain.checkpoint."  # + step-N: where that checkpoint is
 TAG_LATEST_CHECKPOINT = "rtrain.checkpoint.latest"
 TAG_EXPORT = "rtrain.model_export"
-RESPONSE_KEY = "layer_response/block_{:03d}"
 
 
 def checkpoint_uri(path: Path) -> str:

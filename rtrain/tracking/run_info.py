@@ -22,6 +22,7 @@ TAG_SLURM_JOB = "rtrain.slurm_job_id"
 TAG_SLURM_RESTARTS = "rtrain.slurm_restart_count"
 TAG_ERROR = "rtrain.error"
 TAG_STEPS_PER_EPOCH = "rtrain.steps_per_epoch"
+RESPONSE_KEY = "layer_response/block_{:03d}"  # metric of one block's layer response (1-based)
 ERROR_TAG_LIMIT = 5000
 
 
