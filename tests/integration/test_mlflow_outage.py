@@ -42,7 +42,7 @@ def test_server_stopped_mid_run_training_goes_on_and_rerun_delivers(digits_shard
             digits_shards, tmp_path, NAME, STEPS, "dist.launcher=local", "train.log_every_steps=1",
             "eval.every_epochs=1", "checkpoint.every_steps=4", f"tracking.uri={server.url}",
             f"tracking.experiment={NAME}", "tracking.http_timeout_s=5", "tracking.http_max_retries=1",
-            "tracking.reconnect_every_s=2"))
+            "tracking.reconnect_every_s=5"))
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=_env(), start_new_session=True)
         try:
