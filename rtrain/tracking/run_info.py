@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from rtrain.config import TrackingConfig
@@ -58,11 +59,8 @@ def _hosts() -> list[str]:
 
 
 def _ray_job_id() -> str | None:
-    try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # a Ray Train worker has imported it; anywhere else it is not worth importing
+    if ray is None or not ray.is_initialized():
         return None
     return ray.get_runtime_context().get_job_id()
 
