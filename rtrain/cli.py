@@ -1,10 +1,11 @@
-"""`rtrain` console script: launch | validate | models | eval | export | reproduce
+"""`rtrain` console script: launch | validate | models | eval | export | compare | reproduce
 
 Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
 does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
 (a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
 `rtrain: ...` line on stderr and exit code 2; so does `reproduce` (runs the paper's degradation experiment
-through real launches).
+through real launches). `compare` does the same for a store, experiment or metric it cannot read, and exits 1
+(one line) when no run matches.
 """
 
 from __future__ import annotations
@@ -91,8 +92,23 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from rtrain.commands import compare_runs
+    from rtrain.tracking.compare import CompareError, NoRunsError
+
+    try:
+        return compare_runs.run(args)
+    except NoRunsError as exc:
+        print(f"rtrain: {exc}", file=sys.stderr)
+        return 1
+    except (CompareError, OSError) as exc:
+        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     from rtrain.commands.arguments import (  # imports no torch
+        add_compare_arguments,
         add_eval_arguments,
         add_export_arguments,
         add_reproduce_arguments,
@@ -109,6 +125,10 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
                        "(plain vs ResNet 20/56 on digits; table + Fig. 6-style curves)")
     add_reproduce_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
+    p = sub.add_parser("compare", help="MLflow runs side by side: differing recipe keys, final/best metrics, "
+                       "a PNG of their curves in the paper's style")
+    add_compare_arguments(p)
+    p.set_defaults(func=_cmd_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,11 @@
-"""A local MLflow tracking server on a sqlite database, started in the background and stopped by PID.
+"""A local MLflow tracking server on a sqlite database or any SQLAlchemy backend (e.g. PostgreSQL), started
+in the background and stopped by PID.
 
     python -m cluster.local.mlflow_server start --db out/mlflow/mlflow.db --port 5000
     python -m cluster.local.mlflow_server stop --db out/mlflow/mlflow.db
+    python -m cluster.local.mlflow_server start --backend-store-uri postgresql+psycopg://postgres@127.0.0.1:5433/mlflow \
+        --artifacts out/mlflow/mlartifacts --pid-file out/mlflow/mlflow-server.pid --port 5000
+    python -m cluster.local.mlflow_server stop --pid-file out/mlflow/mlflow-server.pid
 
 The server proxies artifacts (--serve-artifacts, stored under --artifacts, default <db dir>/mlartifacts),
 so clients on other hosts upload over HTTP instead of needing the server's filesystem.
@@ -45,10 +49,10 @@ def health_ok(url: str) -> bool:
         return False
 
 
-def server_argv(db: Path, artifacts: Path, host: str, port: int, workers: int) -> list[str]:
+def server_argv(backend_uri: str, artifacts: Path, host: str, port: int, workers: int) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{db}",
+        "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(artifacts),
         "--serve-artifacts",
         "--host", host, "--port", str(port),
@@ -56,21 +60,30 @@ def server_argv(db: Path, artifacts: Path, host: str, port: int, workers: int) -
     ]
 
 
-def start_server(db: str | Path, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
+def start_server(db: str | Path | None = None, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                  artifacts: str | Path | None = None, pid_file: str | Path | None = None,
-                 workers: int = 1, timeout_s: float = START_TIMEOUT_S) -> MlflowServer:
-    """Start `mlflow server` detached and return once GET /health answers 200."""
-    db = Path(db).resolve()
-    db.parent.mkdir(parents=True, exist_ok=True)
-    artifacts = Path(artifacts).resolve() if artifacts else db.parent / "mlartifacts"
+                 workers: int = 1, timeout_s: float = START_TIMEOUT_S,
+                 backend_uri: str | None = None) -> MlflowServer:
+    """Start `mlflow server` detached and return once GET /health answers 200. The backend is the sqlite
+    file `db`, or `backend_uri` (then `artifacts` and `pid_file` say where its files go)."""
+    if (db is None) == (backend_uri is None):
+        raise ServiceError("give a sqlite database file or a backend store URI, not both or neither")
+    if db is not None:
+        db = Path(db).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        backend_uri = f"sqlite:///{db}"
+        artifacts = Path(artifacts).resolve() if artifacts else db.parent / "mlartifacts"
+        pid_file = Path(pid_file).resolve() if pid_file else default_pid_file(db)
+    elif artifacts is None or pid_file is None:
+        raise ServiceError(f"--backend-store-uri {backend_uri}: also give --artifacts and --pid-file")
+    artifacts, pid_file = Path(artifacts).resolve(), Path(pid_file).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    pid_file = Path(pid_file).resolve() if pid_file else default_pid_file(db)
     log_path = pid_file.with_suffix(".log")
     url = f"http://{host}:{port}"
     if health_ok(url):
         raise ServiceError(f"{url} already answers; another server holds port {port}")
     env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    proc = spawn_detached(server_argv(db, artifacts, host, port, workers), log_path, pid_file, env=env)
+    proc = spawn_detached(server_argv(backend_uri, artifacts, host, port, workers), log_path, pid_file, env=env)
     try:
         wait_until(lambda: health_ok(url), timeout_s, f"mlflow server on {url}",
                    alive=lambda: pid_alive(proc.pid), log_path=log_path)
@@ -90,7 +103,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start the server in the background")
-    start.add_argument("--db", required=True, help="sqlite database file (created if missing)")
+    backend = start.add_mutually_exclusive_group(required=True)
+    backend.add_argument("--db", help="sqlite database file (created if missing)")
+    backend.add_argument("--backend-store-uri", help="any MLflow backend store, e.g. "
+                         "postgresql+psycopg://user@host:port/db (needs --artifacts and --pid-file)")
     start.add_argument("--port", type=int, default=DEFAULT_PORT)
     start.add_argument("--host", default=DEFAULT_HOST)
     start.add_argument("--artifacts", help="artifact store folder (default: <db dir>/mlartifacts)")
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             server = start_server(args.db, args.port, args.host, args.artifacts, args.pid_file,
-                                  args.workers, args.timeout)
+                                  args.workers, args.timeout, backend_uri=args.backend_store_uri)
             print(f"mlflow server ready at {server.url} (PID {server.pid}, log {server.log_path})")
             print(f"export MLFLOW_TRACKING_URI={server.url}")
             return 0

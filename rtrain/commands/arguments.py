@@ -57,3 +57,19 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
                         "them under --out")
     parser.add_argument("--recipes", default="recipes/degradation",
                         help="folder of the nets' recipes (default: recipes/degradation)")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow store: sqlite:///path/mlflow.db or http(s)://server "
+                        "(default: MLFLOW_TRACKING_URI, else sqlite:///out/demo/mlflow.db, the demo's)")
+    parser.add_argument("--experiment", help="experiment name (default: every experiment)")
+    parser.add_argument("--runs", nargs="+", metavar="ID_OR_NAME", help="run ids or run names (default: every "
+                        "run of the experiment)")
+    parser.add_argument("--metric", nargs="+", dest="metrics", metavar="KEY", help="metrics to compare: "
+                        "top1_error means train/top1_error and val/top1_error (default: top1_error)")
+    parser.add_argument("--out", help="write a PNG of the metrics' curves here (training dashed, validation solid)")
+    parser.add_argument("--x", choices=("auto", "epochs", "steps"), default="auto", dest="x_axis",
+                        help="x axis of the PNG (auto: epochs when every run recorded its epoch length)")
+    parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    parser.add_argument("--layer-responses", action="store_true", help="also overlay the runs' layer responses "
+                        "(Fig. 7) in <out>-layer-responses.png (default layer-responses.png)")

@@ -13,10 +13,12 @@ from rtrain.config.recipe import (
     recipe_from_dict,
 )
 from rtrain.config.sections import (
+    AnalysisConfig,
     CheckpointConfig,
     DataConfig,
     DistConfig,
     EvalConfig,
+    LayerResponsesConfig,
     ModelConfig,
     OptimConfig,
     PrecisionConfig,
@@ -29,7 +31,7 @@ from rtrain.config.sections import (
 
 __all__ = [
     "RECIPE_VERSION", "Recipe", "RecipeError", "apply_overrides", "load_recipe", "loads_recipe",
-    "recipe_from_dict", "CheckpointConfig", "DataConfig", "DistConfig", "EvalConfig", "ModelConfig",
+    "recipe_from_dict", "AnalysisConfig", "CheckpointConfig", "DataConfig", "DistConfig", "EvalConfig", "LayerResponsesConfig", "ModelConfig",
     "OptimConfig", "PrecisionConfig", "RunConfig", "ScheduleConfig", "TrackingConfig", "TrainConfig",
     "dali_problems",
 ]

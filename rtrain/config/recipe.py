@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from rtrain._errors import ExpectedError
 from rtrain.config.sections import (
+    AnalysisConfig,
     CheckpointConfig,
     DataConfig,
     DistConfig,
@@ -50,6 +51,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
@@ -181,6 +183,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = result
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
+            if child is None:  # an optional section that is off: a key under it switches it on
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise RecipeError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
             node = child

@@ -221,6 +221,9 @@ class CheckpointConfig(Section):
         "stop at the next step and write its checkpoint before it kills them.")
 
 
+LOG_CHECKPOINTS_FROM_BOOL = {False: "none", True: "upload"}  # the field's former yes/no meaning
+
+
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log params, metrics and checkpoints to MLflow (rank 0 only).")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or server URL).")
@@ -228,8 +231,45 @@ class TrackingConfig(Section):
     connect_timeout_s: float = Field(
         10.0, gt=0, description="Preflight: how long the tracking server (or database) has to answer before "
         "the launch is refused.")
-    log_checkpoints: bool = Field(False, description="Also log each checkpoint's files as artifacts.")
+    log_checkpoints: Literal["none", "uri", "upload"] = Field(
+        "uri", description="Each checkpoint on the MLflow run: none; uri = a `rtrain.checkpoint.step-N` tag with "
+        "its location (nothing copied: multi-GB checkpoints stay where they are); upload = its files as artifacts "
+        "under checkpoints/step-N (through the server). false/true mean none/upload.")
+    system_metrics: bool = Field(
+        False, description="MLflow system metrics (CPU, memory, disk, network; GPU when present) as system/*.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
+    http_timeout_s: int = Field(
+        10, ge=1, description="Seconds one HTTP request to a tracking server may take "
+        "(MLFLOW_HTTP_REQUEST_TIMEOUT; MLflow's own default is 120).")
+    http_max_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a failed HTTP request (MLFLOW_HTTP_REQUEST_MAX_RETRIES; MLflow's "
+        "default is 7, which can hold a step for many minutes when the server is gone).")
+    http_backoff_factor: int = Field(
+        1, ge=0, le=120, description="Backoff between those retries: factor x 2^retry seconds "
+        "(MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR).")
+    reconnect_every_s: float = Field(
+        60.0, gt=0, description="While the server is unreachable, training goes on and records wait in "
+        "<run dir>/tracking/unsent.jsonl; the tracker tries to send them at most this often, at the end and on resume.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow run tags.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_checkpoints_bool(cls, data: Any) -> Any:
+        """Recipes written when log_checkpoints was a yes/no switch keep working."""
+        if isinstance(data, dict) and isinstance(data.get("log_checkpoints"), bool):
+            data = {**data, "log_checkpoints": LOG_CHECKPOINTS_FROM_BOOL[data["log_checkpoints"]]}
+        return data
+
+
+class LayerResponsesConfig(Section):
+    every_epochs: int = Field(1, ge=1, description="Measure after every this many epochs (and at the end).")
+    batch_size: int = Field(64, ge=2, description="Images of the fixed eval batch (the first of the val split).")
+
+
+class AnalysisConfig(Section):
+    layer_responses: LayerResponsesConfig | None = Field(
+        None, description="Paper Fig. 7: std of each residual function's output (after its last BN, before the "
+        "addition) on a fixed eval batch, logged per block as layer_response/block_NNN with a PNG; None = off.")
 
 
 class EvalConfig(Section):

@@ -65,6 +65,9 @@ class FitParts:
     meta: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint (e.g. the resolved recipe)
     # Called by every rank after every step; True (the same on all ranks) stops the run after a checkpoint.
     should_stop: Callable[[], bool] | None = None
+    # Called by every rank after each completed epoch (after its eval) and once at the end, with the model
+    # and TrainState: analyses such as layer responses (the composition root decides what runs and where).
+    after_epoch: Callable[[torch.nn.Module, TrainState, bool], None] | None = None
 
 
 def stateful_parts(parts: FitParts) -> list[stateful.Part]:
@@ -110,13 +113,10 @@ class _Fit:
         self.last_eval: dict[str, float] = {}
         self.last_loss = math.nan
         self.images_per_s = 0.0
+        self.window_hits: torch.Tensor | None = None  # train top-1/top-5 hits since the last logged step
         # A restored run already has its checkpoint at this step.
         self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
         self.stopped = False
-        # Top-1 hits / samples of this rank in the epoch so far: the training error of Fig. 6 of the paper
-        # (on the augmented batches, as trained). A run resumed mid-epoch counts from the resume on.
-        self.epoch_hits = torch.zeros((), dtype=torch.long)
-        self.epoch_samples = 0
 
     def run(self) -> dict[str, Any]:
         p, state = self.p, self.p.state
@@ -127,19 +127,20 @@ class _Fit:
             finished_epoch = self._run_epoch()
             if not finished_epoch:
                 break
-            self._log_train_error()
             state.epoch += 1
             if self._eval_due(state.epoch) and not self.stopped:  # a stop has a grace period: no eval
                 self._evaluate()
+            if p.after_epoch is not None and not self.stopped:
+                p.after_epoch(self._eval_model(), state, False)
             if p.checkpoint.every_steps is None:
                 self._save()
             p.train_loader.set_epoch(state.epoch)
         if self.stopped:
             return self._stop()
-        if self.epoch_samples:  # the run ended inside an epoch (train.max_steps)
-            self._log_train_error()
         if not self.last_eval or self.last_eval.get("step") != state.step:
             self._evaluate()
+        if p.after_epoch is not None:
+            p.after_epoch(self._eval_model(), state, True)
         self._save(final=True)
         if p.checkpointer is not None:
             p.checkpointer.wait()
@@ -153,10 +154,11 @@ class _Fit:
         for images, labels in p.train_loader:
             lr = p.schedule.apply(p.backend.optimizer, state.step)
             result = p.train_step(images, labels)
-            self._count_hits(result.correct, len(labels))
             state.step += 1
             state.samples_seen += p.train.global_batch
             self._check_finite(result.found_inf)
+            if result.hits is not None:
+                self.window_hits = result.hits if self.window_hits is None else self.window_hits + result.hits
             if p.ema is not None and result.stepped:
                 p.ema.update(p.backend.module)
             if state.step % p.train.log_every_steps == 0 or state.step == p.total_steps:
@@ -205,7 +207,7 @@ class _Fit:
         metrics = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_s": self.images_per_s,
                    "train/loss_scale": p.backend.loss_scale(), "train/epoch": p.state.epoch,
                    "train/skipped_steps": p.state.skipped_steps,
-                   "train/skipped_samples": float(stats.get("skipped_samples", 0))}
+                   "train/skipped_samples": float(stats.get("skipped_samples", 0)), **self._train_errors()}
         if p.tracker is not None:
             p.tracker.log_metrics(metrics, step=p.state.step)
         if p.rank == 0:
@@ -215,26 +217,18 @@ class _Fit:
                      p.total_steps, 100 * p.state.step // p.total_steps, p.state.epoch + 1, epochs,
                      self.last_loss, lr, self.images_per_s, _clock(eta_s))
 
-    def _count_hits(self, correct: torch.Tensor | None, samples: int) -> None:
-        if correct is not None:
-            self.epoch_hits = self.epoch_hits.to(correct.device) + correct
-            self.epoch_samples += samples
-
-    def _log_train_error(self) -> None:
-        """One all-reduce per epoch: the epoch's training error over every rank, as ``train/top1_error``."""
-        p = self.p
-        if not self.epoch_samples:
-            return
-        counts = torch.stack([self.epoch_hits.double(),
-                              torch.tensor(float(self.epoch_samples), dtype=torch.float64,
-                                           device=self.epoch_hits.device)])
+    def _train_errors(self) -> dict[str, float]:
+        """Top-1/top-5 error over every rank's batches since the last logged step."""
+        hits, self.window_hits = self.window_hits, None
+        if hits is None:
+            return {}
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-        hits, samples = counts.tolist()
-        self.epoch_hits = torch.zeros((), dtype=torch.long)
-        self.epoch_samples = 0
-        if p.tracker is not None:
-            p.tracker.log_metrics({"train/top1_error": 1.0 - hits / samples}, step=p.state.step)
+            dist.all_reduce(hits)
+        top1, top5, count = hits.tolist()
+        return {"train/top1_error": 1.0 - top1 / count, "train/top5_error": 1.0 - top5 / count} if count else {}
+
+    def _eval_model(self) -> torch.nn.Module:
+        return self.p.ema.module if self.p.ema is not None else self.p.backend.module
 
     def _eval_due(self, epochs_done: int) -> bool:
         every = max(1, round(self.p.evaluation.every_epochs))
@@ -242,8 +236,7 @@ class _Fit:
 
     def _evaluate(self) -> None:
         p = self.p
-        model = p.ema.module if p.ema is not None else p.backend.module
-        result = p.evaluate(model)
+        result = p.evaluate(self._eval_model())
         p.state.last_top1 = result["top1"]
         p.state.best_top1 = max(p.state.best_top1, result["top1"])
         self.last_eval = {**result, "step": p.state.step}

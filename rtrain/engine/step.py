@@ -21,7 +21,8 @@ class StepResult:
     loss: torch.Tensor  # mean loss over the step's micro-batches, detached, on the device
     stepped: bool
     found_inf: bool
-    correct: torch.Tensor | None = None  # top-1 hits in this rank's batch, on the device (training error)
+    # (top-1 correct, top-5 correct, samples) of this rank's batch, as trained on (before the update)
+    hits: torch.Tensor | None = None
 
 
 class Normalizer:
@@ -59,7 +60,7 @@ class TrainStep:
             raise ValueError(f"batch of {len(images)} cannot be split into "
                              f"train.accumulation_steps={self.accumulation_steps} micro-batches")
         total = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        hits = torch.zeros(3, device=device)
         for i, (x, y) in enumerate(zip(micro_images, micro_labels)):
             last = i == self.accumulation_steps - 1
             with self.backend.micro_context(last):
@@ -69,7 +70,16 @@ class TrainStep:
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
                 self.backend.backward(loss / self.accumulation_steps)
             total += loss.detach()
-            correct += (logits.detach().argmax(dim=1) == target).sum()
+            hits += top_hits(logits.detach(), y.to(device, non_blocking=True))
         outcome = self.backend.step()
         return StepResult(loss=total / self.accumulation_steps, stepped=outcome.stepped,
-                          found_inf=outcome.found_inf, correct=correct)
+                          found_inf=outcome.found_inf, hits=hits)
+
+
+def top_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 correct, top-5 correct, samples) as floats: the training error curves of the paper."""
+    k = min(5, logits.shape[1])
+    top = logits.float().topk(k, dim=1).indices
+    match = top == labels.view(-1, 1)
+    return torch.stack([match[:, 0].sum(), match.any(dim=1).sum(), torch.tensor(len(labels), device=logits.device)]
+                       ).float()

@@ -32,6 +32,8 @@ from rtrain.launch.signals import RankStopWatch
 from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
+from rtrain.tracking.artifacts import layer_response_hook, log_final_weights, track_checkpoints
+from rtrain.tracking.run_info import describe_run
 
 log = logging.getLogger("rtrain.launch.worker")
 
@@ -66,11 +68,17 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     loaded = _resume(recipe, manager)
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
-    parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None)
+    run_tags = describe_run(world, steps_per_epoch)  # every rank: it gathers the host names
+    parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None,
+                                  run_tags=run_tags, resume_step=loaded.step if loaded else None)
+    parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
+    parts.after_epoch = layer_response_hook(recipe, rank, parts.tracker, normalizer)
     try:
         summary = fit(parts)
-    except BaseException:
-        parts.tracker.finish("FAILED")
+        if not summary.get("preempted"):
+            log_final_weights(parts.tracker, backend.module, recipe.run_dir)
+    except BaseException as exc:
+        parts.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error=exc)
         raise
     finally:
         manager.close()

@@ -223,13 +223,14 @@ class RecordingTracker:
         return {"version": 1, "run_id": None}
 
 
-def test_training_error_is_logged_once_per_epoch_and_at_a_mid_epoch_end(tmp_path):
-    parts = _parts(tmp_path, _recipe(epochs=3, log_every_steps=100), total_steps=15)
+def test_training_error_is_logged_with_each_logged_step_over_its_window(tmp_path):
+    parts = _parts(tmp_path, _recipe(epochs=3, log_every_steps=5), total_steps=15)
     parts.tracker = RecordingTracker()
     fit(parts)
-    errors = [(step, m["train/top1_error"]) for step, m in parts.tracker.logged if "train/top1_error" in m]
-    assert [step for step, _ in errors] == [6, 12, 15]  # two whole epochs of 6 steps, then 3 steps of the third
-    assert all(0.0 <= e <= 1.0 for _, e in errors)
+    errors = [(step, m["train/top1_error"], m["train/top5_error"]) for step, m in parts.tracker.logged
+              if "train/top1_error" in m]
+    assert [step for step, _, _ in errors] == [5, 10, 15]
+    assert all(0.0 <= top5 <= top1 <= 1.0 for _, top1, top5 in errors)
 
 
 def test_step_counts_top1_hits_of_the_batch_as_trained():
@@ -241,4 +242,5 @@ def test_step_counts_top1_hits_of_the_batch_as_trained():
     images, labels = loader.images[0], loader.labels[0]
     hits = sum(int((reference(norm(x)).argmax(1) == y).sum())
                for x, y in zip(images.chunk(2), labels.chunk(2)))
-    assert step(images, labels).correct.item() == hits
+    result = step(images, labels)
+    assert result.hits[0].item() == hits and result.hits[2].item() == len(labels)

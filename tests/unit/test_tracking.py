@@ -60,7 +60,7 @@ def test_null_tracker_accepts_everything():
     tracker.set_tags({"k": "v"})
     tracker.finish("FAILED")
     assert tracker.run_id is None
-    assert tracker.state_dict() == {"version": 1, "run_id": None}
+    assert tracker.state_dict() == {"version": 2, "run_id": None, "resumes": 0}
 
 
 def test_only_rank_zero_with_tracking_enabled_gets_mlflow(db_uri):

@@ -1,0 +1,40 @@
+"""Where a run is tracked: a sqlite path pinned down, the file store refused, artifacts beside the database."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rtrain._errors import ExpectedError
+
+ARTIFACT_DIR_NAME = "mlartifacts"
+
+
+class TrackingError(ExpectedError, RuntimeError):
+    """Tracking cannot start or continue; the message names the URI, experiment or run."""
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute (against the cwd) and create its folder.
+
+    Ray Train workers run in their own working directory, so a relative path must be pinned down by
+    whoever reads the recipe first. The plain file store is refused with a message saying what to use.
+    """
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        path = path if path.is_absolute() else Path.cwd() / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingError(
+            f"tracking.uri={uri!r}: MLflow's file store is disabled; use sqlite:///path/to/mlflow.db "
+            "or an http(s):// tracking server")
+    return uri
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts next to a sqlite database (MLflow would otherwise write ./mlruns); servers pick their own."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / ARTIFACT_DIR_NAME)
+    return None

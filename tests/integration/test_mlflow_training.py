@@ -1,0 +1,184 @@
+"""Real training with MLflow on, against a real `mlflow server --serve-artifacts` with a sqlite and with a
+PostgreSQL backend store: the 2-worker quickstart (tiny, CPU, local launcher) records one run with its params,
+tags, metrics at the expected steps, checkpoints (uploaded or as URIs), layer responses and final weights; a run
+SIGKILLed after it logged steps its last checkpoint does not hold, then rerun, keeps one run in which every
+step's metrics appear exactly once and ends FINISHED; `rtrain compare` reads both runs back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port
+from mlflow_services import artifact_paths, metric_steps, running_server
+from ray_runs import REPO, checkpoint_steps, launch_command, quickstart_overrides, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 14  # 11 steps per epoch at 2 workers: evals and layer responses at steps 11 and 14
+EXPERIMENT = "e2e"
+BLOCKS = 9  # cifar_resnet20: 3 stages x 3 residual blocks
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request):
+    with running_server(request.param, free_port(), free_port()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.url)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _cmd(shards: Path, out: Path, server, name: str, *extra: str) -> list[str]:
+    return launch_command(quickstart_overrides(
+        shards, out, name, STEPS, "dist.launcher=local", "train.log_every_steps=1", "eval.every_epochs=1",
+        f"tracking.uri={server.url}", f"tracking.experiment={EXPERIMENT}",
+        "analysis.layer_responses.every_epochs=1", *extra))
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    assert done.returncode == 0, done.stderr[-5000:]
+    return done
+
+
+def _one_run(client, name: str):
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def straight(server, client, digits_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"straight-{server.backend}")
+    _run(_cmd(digits_shards, out, server, "straight", "checkpoint.every_steps=5",
+              "tracking.log_checkpoints=upload", "tracking.system_metrics=true",
+              "tracking.system_metrics_interval_s=1"))
+    return _one_run(client, "straight")
+
+
+@pytest.fixture(scope="module")
+def killed(server, client, digits_shards, tmp_path_factory):
+    """SIGKILLed (no checkpoint, no closing) once MLflow holds steps beyond the last checkpoint; then rerun."""
+    out = tmp_path_factory.mktemp(f"killed-{server.backend}")
+    cmd = _cmd(digits_shards, out, server, "killed", "checkpoint.every_steps=4", "tracking.log_checkpoints=uri")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
+    try:
+        def logged_past_checkpoint() -> bool:
+            saved = checkpoint_steps(out, "killed")
+            try:
+                run = _one_run(client, "killed")
+            except (AssertionError, AttributeError):
+                return False
+            logged = max(metric_steps(client, run.info.run_id, "train/loss"), default=0)
+            return bool(saved) and logged >= max(saved) + 2 or proc.poll() is not None
+        wait_for(logged_past_checkpoint, 300, "steps logged beyond the last checkpoint", poll_s=0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run = _one_run(client, "killed")
+    before = {"status": run.info.status, "logged": max(metric_steps(client, run.info.run_id, "train/loss")),
+              "checkpoint": max(checkpoint_steps(out, "killed"))}
+    resumed = _run(cmd)
+    assert "resumed from" in resumed.stderr
+    return before, _one_run(client, "killed"), out
+
+
+def test_run_records_params_tags_metrics_artifacts(straight, client):
+    run, run_id = straight, straight.info.run_id
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["train.max_steps"] == str(STEPS) and params["model.name"] == "cifar_resnet20"
+    assert params["tracking.log_checkpoints"] == "upload" and params["dist.num_workers"] == "2"
+    assert tags["rtrain.world_size"] == "2" and tags["rtrain.version"] and tags["rtrain.hosts"]
+    assert tags["rtrain.steps_per_epoch"] == "11"
+    if (REPO / ".git").exists():
+        assert len(tags["mlflow.source.git.commit"]) == 40
+    every_step = list(range(1, STEPS + 1))
+    for key in ("train/loss", "train/lr", "train/images_per_s", "train/top1_error", "train/top5_error",
+                "train/loss_scale", "train/skipped_samples"):
+        assert metric_steps(client, run_id, key) == every_step, key
+    for key in ("val/top1_error", "val/top5_error", "val/loss"):
+        assert metric_steps(client, run_id, key) == [11, STEPS], key
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+    artifacts = artifact_paths(client, run_id)
+    for step in (5, 10, STEPS):
+        assert f"checkpoints/step-{step:09d}/MANIFEST.json" in artifacts
+        assert tags[f"rtrain.checkpoint.step-{step:09d}"].startswith("file://")
+    assert {"recipe.yaml", "model/state_dict.pt", "layer_responses/step-000000011.png",
+            "layer_responses/step-000000014.png"} <= set(artifacts)
+
+
+def test_layer_responses_logged_once_per_residual_block(straight, client):
+    keys = sorted(k for k in straight.data.metrics if k.startswith("layer_response/"))
+    assert keys == [f"layer_response/block_{i:03d}" for i in range(1, BLOCKS + 1)]
+    for key in keys:
+        history = client.get_metric_history(straight.info.run_id, key)
+        assert [m.step for m in history] == [11, STEPS] and all(m.value > 0 for m in history)
+
+
+def test_killed_and_rerun_logs_every_step_exactly_once(killed, client):
+    before, run, _out = killed
+    assert before["status"] == "RUNNING"  # a SIGKILL leaves no one to close the run
+    assert before["logged"] > before["checkpoint"]  # steps were logged that the resume trains again
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["rtrain.resumes"] == "1"
+    assert f"from the checkpoint of step {before['checkpoint']}" in run.data.tags["rtrain.resume.1"]
+    for key in ("train/loss", "train/lr", "train/top1_error"):
+        assert metric_steps(client, run_id, key) == list(range(1, STEPS + 1)), key
+    assert metric_steps(client, run_id, "val/top1_error") == [11, STEPS]
+    assert metric_steps(client, run_id, "layer_response/block_001") == [11, STEPS]
+    # log_checkpoints=uri: each checkpoint is a tag naming its folder; nothing uploaded.
+    for step in (4, 8, 12, STEPS):
+        assert run.data.tags[f"rtrain.checkpoint.step-{step:09d}"].endswith(f"/killed/checkpoints/step-{step:09d}")
+    assert not any(p.startswith("checkpoints/") for p in artifact_paths(client, run_id))
+
+
+def _compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rtrain.cli", "compare", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=_env())
+
+
+def test_compare_two_real_runs(straight, killed, server, client, tmp_path):
+    from matplotlib.image import imread
+
+    png = tmp_path / "compare.png"
+    done = _compare("--tracking-uri", server.url, "--experiment", EXPERIMENT, "--runs", "straight", "killed",
+                    "--out", str(png), "--format", "csv", "--layer-responses")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:3]]
+    assert header[:3] == ["run", "run_id", "status"]
+    assert {"checkpoint.every_steps", "tracking.log_checkpoints", "tracking.system_metrics"} <= set(header)
+    assert "train.max_steps" not in header  # the same in both runs
+    assert [row[0] for row in rows] == ["straight", "killed"]
+    final = header.index("final val/top1_error")
+    for row, run in zip(rows, (straight, killed[1])):
+        assert row[1] == run.info.run_id[:8] and row[2] == "FINISHED"
+        assert row[final] == f"{run.data.metrics['val/top1_error']:.4f}"
+    for path, size in ((png, (500, 800)), (tmp_path / "compare-layer-responses.png", (600, 800))):
+        pixels = imread(path)
+        assert pixels.shape[:2] == size and float(np.var(pixels)) > 1e-3, path
+
+    nothing = _compare("--tracking-uri", server.url, "--experiment", EXPERIMENT, "--runs", "no-such-run")
+    assert nothing.returncode == 1
+    assert nothing.stderr.strip() == (f"rtrain: no runs match 'no-such-run' in experiment '{EXPERIMENT}' "
+                                      f"at {server.url}")
