@@ -47,3 +47,16 @@ def digits_shards(tmp_path_factory):
     run_module("data_prep.imagenet", "--src", str(root / "folders"), "--out", str(root / "shards"),
                "--shard-size", "200", "--workers", "2", "--no-progress")
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def db_uri(tmp_path_factory) -> str:
+    """One database for the module: creating an MLflow schema costs seconds, experiments keep tests apart."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def client(db_uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=db_uri)

@@ -51,10 +51,7 @@ def curves_figure(runs: Mapping[str, Mapping[str, Curve]], path: Path, x_label: 
     ax.legend(fontsize=8, loc="upper right")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def layer_response_figure(series: Mapping[str, Sequence[float]], path: Path, title: str = "") -> Path:
@@ -74,6 +71,10 @@ def layer_response_figure(series: Mapping[str, Sequence[float]], path: Path, tit
         ax.legend(fontsize=8, loc="upper right")
     if title:
         top.set_title(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

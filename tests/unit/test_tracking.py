@@ -20,19 +20,6 @@ from rtrain.tracking import (
 from rtrain.tracking.mlflow import PARAM_VALUE_LIMIT
 
 
-@pytest.fixture(scope="module")
-def db_uri(tmp_path_factory) -> str:
-    """One database for the module: creating an MLflow schema costs seconds, experiments keep tests apart."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def client(db_uri):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=db_uri)
-
-
 def _recipe(uri: str, experiment: str, **sections):
     raw = {"run": {"name": "tiny"}, "tracking": {"uri": uri, "experiment": experiment, "tags": {"team": "vision"}}}
     for key, value in sections.items():

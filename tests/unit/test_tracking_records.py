@@ -22,18 +22,6 @@ from rtrain.tracking.run_info import error_text, http_environment
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def db_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def client(db_uri):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=db_uri)
-
-
 def _recipe(uri: str, experiment: str, name: str = "tiny", root: Path | None = None, **tracking):
     return recipe_from_dict({"run": {"name": name, "output_root": str(root or "runs")},
                              "tracking": {"uri": uri, "experiment": experiment, **tracking}})
