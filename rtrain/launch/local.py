@@ -37,6 +37,7 @@ from rtrain.launch.workers import (
 SUMMARY_FILE = "summary.json"
 TERMINATE_GRACE_S = 5.0  # after a rank failed: its peers are stuck in a broken collective
 POLL_INTERVAL_S = 0.2
+CAUSE_WAIT_S = 3.0  # after the first rank failed: how long the others get to end before the cause is named
 CHILD_ENTRY = "import sys; from rtrain.launch.local import rank_main; sys.exit(rank_main(sys.argv[1:]))"
 LAUNCHER_PID_ENV = "RTRAIN_LAUNCHER_PID"
 NNODES_ENV, NODE_RANK_ENV = "RTRAIN_NNODES", "RTRAIN_NODE_RANK"
@@ -146,13 +147,18 @@ def _failed_ranks(procs: list[subprocess.Popen], first_rank: int = 0) -> list[tu
 
 
 def _root_cause(failed: list[tuple[int, int]], exchange: Path) -> tuple[int, int]:
-    """Of the ranks found failed at once, the one whose error was written first: the others usually
-    died of it (a collective losing its peer)."""
-    def written_at(item: tuple[int, int]) -> float:
-        error_file = exchange / f"rank-{item[0]}.error"
-        return error_file.stat().st_mtime if error_file.exists() else float("inf")
+    """Of the failed ranks, the one that failed first for a reason of its own: a rank whose collective broke
+    because a peer went away died of the peer, however early it wrote its error."""
+    def error_of(rank: int) -> Path:
+        return exchange / f"rank-{rank}.error"
 
-    return min(failed, key=lambda item: (written_at(item), item[0]))
+    def key(item: tuple[int, int]) -> tuple[bool, float, int]:
+        path = error_of(item[0])
+        if not path.exists():
+            return True, float("inf"), item[0]
+        return lost_a_peer(RuntimeError(path.read_text())), path.stat().st_mtime, item[0]
+
+    return min(failed, key=key)
 
 
 def _failure_message(rank: int, code: int, exchange: Path) -> str:
@@ -177,8 +183,13 @@ def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path, st
             raise LaunchError(f"after {stop.received} the ranks did not checkpoint within "
                               f"checkpoint.preempt_grace_s={stop.grace_s:g} s; they were killed")
         time.sleep(POLL_INTERVAL_S)
-    failed = _failed_ranks(procs, first_rank)
-    return _root_cause(failed, exchange) if failed else None
+    if not _failed_ranks(procs):
+        return None
+    # The first rank to exit is often one whose peer failed: give the others a moment to end and say why.
+    deadline = time.monotonic() + CAUSE_WAIT_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_S)
+    return _root_cause(_failed_ranks(procs, first_rank), exchange)
 
 
 def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:

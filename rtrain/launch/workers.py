@@ -79,5 +79,6 @@ def lost_a_peer(error: BaseException) -> bool:
     import torch.distributed as dist
 
     text = str(error)
-    return isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text or (
-        "Connection reset by peer" in text or "Connection closed by peer" in text)
+    return isinstance(error, dist.DistBackendError) or any(
+        mark in text for mark in ("DistBackendError", "gloo", "NCCL", "Connection reset by peer",
+                                  "Connection closed by peer"))

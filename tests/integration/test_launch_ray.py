@@ -65,6 +65,7 @@ def _ray_env(address: str) -> dict[str, str]:
 
 
 def test_driver_on_an_external_head_reports_a_real_failure_in_one_line(head, digits_shards, tmp_path):
+    (tmp_path / "none.pt").write_text("not a state dict\n")  # exists (preflight passes), unreadable in the workers
     overrides = quickstart_overrides(digits_shards, tmp_path, "broken", 3, f"model.init_from={tmp_path}/none.pt")
     done = subprocess.run(launch_command(overrides), cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=_ray_env(head.address))
