@@ -9,7 +9,6 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from rtrain._errors import ExpectedError
 from rtrain.config.sections import (
     AnalysisConfig,
     CheckpointConfig,
@@ -30,7 +29,7 @@ from rtrain.config.sections import (
 RECIPE_VERSION = 1
 
 
-class RecipeError(ExpectedError, ValueError):
+class RecipeError(ValueError):
     """A recipe that cannot run; the message names the dotted key and the bad value."""
 
 

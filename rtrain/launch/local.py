@@ -20,10 +20,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtrain._errors import DEBUG_ENV, ExpectedError, one_line
+from rtrain._errors import DEBUG_ENV, one_line
 from rtrain.config import Recipe
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
+    EXPECTED_ERRORS,
     LOOPBACK,
     LaunchError,
     WorkerFn,
@@ -108,7 +109,7 @@ def rank_main(argv: list[str]) -> int:
             (exchange / SUMMARY_FILE).write_text(json.dumps(summary, default=str))
         return 0
     except (Exception, KeyboardInterrupt) as exc:
-        if os.environ.get(DEBUG_ENV) or not (isinstance(exc, ExpectedError) or lost_a_peer(exc)):
+        if os.environ.get(DEBUG_ENV) or not (isinstance(exc, EXPECTED_ERRORS) or lost_a_peer(exc)):
             traceback.print_exc()  # a bug, or asked for
         else:
             print(f"rtrain: rank {rank}: {one_line(exc)}", file=sys.stderr, flush=True)  # the message is enough

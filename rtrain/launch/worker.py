@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rtrain._errors import DEBUG_ENV, ExpectedError
+from rtrain._errors import DEBUG_ENV
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader
@@ -29,6 +29,7 @@ from rtrain.engine.loop import FitParts, fit, restore
 from rtrain.engine.rng import reseed_rng
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.launch.signals import RankStopWatch
+from rtrain.launch.workers import EXPECTED_ERRORS
 from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
@@ -156,7 +157,7 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     recipe = loads_recipe(config["recipe_yaml"], where="recipe")
     try:
         return _train(recipe)  # under Ray Train, rank 0's return value reaches the driver as return_value
-    except ExpectedError as exc:
+    except EXPECTED_ERRORS as exc:
         if os.environ.get(DEBUG_ENV):
             raise
         raise exc.with_traceback(None) from None  # its message is enough: no stack of rtrain's frames in logs

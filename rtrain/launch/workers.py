@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from rtrain._errors import ExpectedError
+from rtrain.config import RecipeError
 
 WorkerFn = Callable[[dict], Any]
 LOOPBACK = "127.0.0.1"
+
+
+# Failures whose message is enough (rtrain._errors); RecipeError too, which rtrain.config (importing nothing
+# of rtrain) cannot mark itself.
+EXPECTED_ERRORS = (ExpectedError, RecipeError)
 
 
 class LaunchError(ExpectedError, RuntimeError):
