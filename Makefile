@@ -16,8 +16,13 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py rtrain/data/_jpeg_region.c
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH" >&2; exit 1; }
+	# Region JPEG decoding (rtrain.data._jpeg_region) compiles against libjpeg-turbo's headers: fetched with
+	# apt where we may; without them the install skips the extension and the loader decodes whole images.
+	test -e /usr/include/jpeglib.h || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends libjpeg62-turbo-dev >/dev/null; } || \
+	    echo "no libjpeg headers: rtrain.data._jpeg_region not built, whole-image decoding" >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel on this machine's find-links; a bare torch would pull CUDA builds.

@@ -1,10 +1,17 @@
-"""Train-pipeline throughput per CPU core: rtrain's shard loader against the classic torchvision pipeline.
+"""Train-pipeline throughput per CPU core: rtrain's shard loader against the JPEG decode limit and the classic
+torchvision pipeline.
 
-    python benchmarks/loader.py [--data DIR] [--workers 1,2] [--batch 64] [--rounds 2]
+    python benchmarks/loader.py [--data DIR] [--workers 1,2] [--batch 64] [--rounds 2] [--max-side 256,320,384]
 
 DIR holds shards (DIR/train/manifest.json) or JPEGs (DIR/train/<class>/*.JPEG or DIR/<class>/*.JPEG); by
-default a synthetic ImageNet-sized set is made with data_prep.synthetic. Both pipelines read the same images:
-shards are extracted to files for the classic pipeline, a JPEG folder is sharded for rtrain.
+default 1,000 real photos at ImageNet's sizes and JPEG statistics are made with data_prep.photos (`--synthetic`:
+data_prep.synthetic's drawn images instead). Every pipeline reads the same images: shards are extracted to
+files for the classic pipeline, a JPEG folder is sharded for rtrain.
+
+decode limit: libjpeg-turbo's whole-image decode through simplejpeg (fast integer IDCT, fast upsampling), bytes
+already in memory, one process, nothing else: what a loader doing one full decode per image could reach per
+core at best. rtrain can exceed it: it decodes at a reduced scale where the crop allows and, with the
+rtrain.data._jpeg_region extension, only the crop's region.
 
 classic: ImageFolder-style (one file per sample), PIL full decode + convert("RGB"), torchvision-equivalent
 RandomResizedCrop(224) (crop + bilinear resize on the PIL image) + horizontal flip + ToTensor + Normalize,
@@ -13,8 +20,13 @@ default collate (float32 batches). rtrain: build_loader(train=True) with the def
 
 Each measurement is one epoch through a fresh DataLoader with N worker processes, timed from the first batch
 to the last (worker start-up excluded for both); images/s per core = images/s / N. Configurations alternate
-(classic, rtrain) and the best of `--rounds` is kept. The last line is `ratio_vs_classic: X.XX`, the
-geometric mean over worker counts of rtrain's per-core throughput over classic's.
+(classic, rtrain) and the best of `--rounds` is kept. "rtrain whole" is rtrain with region decoding switched
+off (the extension's share). `--max-side` also shards the images with data_prep's re-encoding to that longer
+side (as FFCV does) and measures rtrain on those shards against the classic pipeline on the originals.
+
+The last lines: `ratio_vs_classic: X.XX`, the geometric mean over worker counts of rtrain's per-core
+throughput over classic's, and `ratio_vs_decode_limit: X.XX`, rtrain's per-core throughput at the smallest
+worker count over the decode limit.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import argparse
 import io
 import math
 import random
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -30,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -38,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rtrain.config import DataConfig
-from rtrain.data import build_loader
+from rtrain.data import build_loader, decode
 from rtrain.data.format import (
     Manifest,
     ShardEntry,
@@ -123,19 +137,50 @@ def extract_shards(shard_root: Path, out: Path) -> list[tuple[Path, int]]:
     return items
 
 
-def prepare(data: Path | None, scratch: Path, classes: int, per_class: int) -> tuple[Path, list]:
+def prepare(args: argparse.Namespace, scratch: Path) -> tuple[Path, list]:
     """(shard root, classic file items) over the same images."""
+    data = args.data
     if data is not None and (data / "train" / "manifest.json").is_file():
         (scratch / "files").mkdir()
         return data, extract_shards(data, scratch / "files")
-    if data is None:
+    if data is None and args.synthetic:
         from data_prep.synthetic import SyntheticSpec, write_synthetic
 
         data = scratch / "synthetic"
-        write_synthetic(data, SyntheticSpec(classes=classes, per_class=per_class, val_per_class=0, quirks=False))
+        write_synthetic(data, SyntheticSpec(classes=args.classes, per_class=args.per_class, val_per_class=0,
+                                            quirks=False))
+    elif data is None:
+        from data_prep.photos import write_photos
+
+        data = scratch / "photos"
+        stats = write_photos(data, args.photos)
+        print(f"real photos (data_prep.photos): {stats.files}, mean {stats.mean_width:.0f} x "
+              f"{stats.mean_height:.0f} px, {100 * stats.short_side_under_224:.1f} % with a short side under 224")
     items = folder_items(data)
     write_shards(items, scratch / "shards")
     return scratch / "shards", items
+
+
+def max_side_shards(items: list, side: int, scratch: Path) -> Path:
+    """The images re-encoded by data_prep (--max-side) into shards; returns the shard root."""
+    src = scratch / f"src-{side}" / "train"
+    for path, label in items:
+        target = src / f"class{label:04d}" / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(Path(path).resolve())
+    out = scratch / f"max-side-{side}"
+    subprocess.run([sys.executable, "-m", "data_prep.imagenet", "--src", str(src.parent), "--out", str(out),
+                    "--max-side", str(side), "--workers", "2", "--no-progress"], check=True,
+                   cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    return out
+
+
+def decode_limit(payloads: list[bytes]) -> float:
+    """Whole-image decodes per second, bytes in memory, this process only (see the module docstring)."""
+    start = time.perf_counter()
+    for data in payloads:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=True)
+    return len(payloads) / (time.perf_counter() - start)
 
 
 def timed_epoch(batches) -> tuple[int, float]:
@@ -154,11 +199,18 @@ def run_classic(items: list, workers: int, batch: int) -> float:
     return count / seconds
 
 
-def run_rtrain(shard_root: Path, workers: int, batch: int, epoch: int) -> float:
-    cfg = DataConfig(source=str(shard_root), num_workers=workers, pin_memory=False)
-    loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=batch, seed=0, train=True)
-    loader.set_epoch(epoch)
-    count, seconds = timed_epoch(loader)
+def run_rtrain(shard_root: Path, workers: int, batch: int, epoch: int, region: bool = True) -> float:
+    """One epoch of rtrain's train loader; `region=False` switches region decoding off (the DataLoader's
+    forked workers inherit the switch)."""
+    extension = decode._jpeg_region
+    decode._jpeg_region = extension if region else None
+    try:
+        cfg = DataConfig(source=str(shard_root), num_workers=workers, pin_memory=False)
+        loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=batch, seed=0, train=True)
+        loader.set_epoch(epoch)
+        count, seconds = timed_epoch(loader)
+    finally:
+        decode._jpeg_region = extension
     return count / seconds
 
 
@@ -166,32 +218,56 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="shards or a JPEG folder (default: synthetic)")
+    parser.add_argument("--data", type=Path, default=None, help="shards or a JPEG folder (default: real photos)")
+    parser.add_argument("--photos", type=int, default=1000, help="default set: how many photos")
+    parser.add_argument("--synthetic", action="store_true", help="default set: data_prep.synthetic's images")
     parser.add_argument("--workers", default="1,2", help="comma list of DataLoader worker counts")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-side", default="", help="comma list: also shards re-encoded to this longer side")
     parser.add_argument("--classes", type=int, default=8, help="synthetic set: classes")
     parser.add_argument("--per-class", type=int, default=96, help="synthetic set: images per class")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    worker_counts = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="rtrain-loader-bench-") as tmp:
-        shard_root, items = prepare(args.data, Path(tmp), args.classes, args.per_class)
+        shard_root, items = prepare(args, Path(tmp))
+        sides = {int(side): max_side_shards(items, int(side), Path(tmp)) for side in args.max_side.split(",") if side}
         sizes = [Path(p).stat().st_size for p, _ in items]
         print(f"images: {len(items)}, mean {np.mean(sizes) / 1e3:.0f} KB; batch {args.batch}; "
+              f"region decoding {'on' if decode.REGION_DECODE else 'off (extension not built)'}; "
               f"load {load_average()}")
-        ratios = []
-        for workers in (int(w) for w in args.workers.split(",")):
-            classic, ours = 0.0, 0.0
-            for round_index in range(args.rounds):
-                classic = max(classic, run_classic(items, workers, args.batch))
-                ours = max(ours, run_rtrain(shard_root, workers, args.batch, round_index))
-            ratios.append(ours / classic)
-            print(f"workers={workers}: classic {classic / workers:7.1f} img/s/core   "
-                  f"rtrain {ours / workers:7.1f} img/s/core   ratio {ours / classic:.2f}")
+        payloads = [Path(p).read_bytes() for p, _ in items]
+        limit, ratios, per_core = 0.0, [], {}
+        for workers in worker_counts:
+            best = {"classic": 0.0, "rtrain": 0.0, "rtrain whole": 0.0}
+            best.update({f"rtrain max-side {side}": 0.0 for side in sides})
+            for round_index in range(args.rounds):  # alternating, so every pipeline sees the same machine load
+                limit = max(limit, decode_limit(payloads))
+                best["classic"] = max(best["classic"], run_classic(items, workers, args.batch))
+                best["rtrain"] = max(best["rtrain"], run_rtrain(shard_root, workers, args.batch, round_index))
+                if decode.REGION_DECODE:
+                    best["rtrain whole"] = max(best["rtrain whole"], run_rtrain(
+                        shard_root, workers, args.batch, round_index, region=False))
+                for side, root in sides.items():
+                    name = f"rtrain max-side {side}"
+                    best[name] = max(best[name], run_rtrain(root, workers, args.batch, round_index))
+            ratios.append(best["rtrain"] / best["classic"])
+            per_core[workers] = best["rtrain"] / workers
+            print(f"workers={workers}: " + "   ".join(
+                f"{name} {value / workers:7.1f} img/s/core ({value / best['classic']:.2f}x classic)"
+                for name, value in best.items() if value))
+        print(f"decode limit: {limit:7.1f} img/s/core (whole-image libjpeg-turbo decode, bytes in memory, best "
+              f"of {args.rounds * len(worker_counts)} passes taken between the loader runs)")
         print(f"load after: {load_average()}")
-        print(f"ratio_vs_classic: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
+        print(f"ratio_vs_classic: {geometric_mean(ratios):.2f}")
+        print(f"ratio_vs_decode_limit: {per_core[min(worker_counts)] / limit:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
     python -m data_prep.samples digits --out DIR [--size 32] [--val-fraction 0.2] [--seed 0]
     python -m data_prep.samples synthetic --out DIR [--classes 4] [--per-class 8] [--val-per-class 2]
                                           [--val-layout folders|flat] [--image-size 500x375] [--no-quirks]
+    python -m data_prep.samples photos --out DIR [--count 1000] [--val-fraction 0] [--seed 0]
 
 ``digits``: scikit-learn's bundled real handwritten digits (1,797 8x8 scans, 10 classes), upscaled to
 ``size`` px RGB JPEGs in ``train/digitK/`` and ``val/digitK/`` (a stratified split fixed by the seed).
 ``synthetic``: ImageNet-sized JPEGs with every real-world quirk (see data_prep.synthetic).
+``photos``: real photographs (scikit-learn's and scikit-image's bundled ones) cut and re-encoded to ImageNet's
+sizes and JPEG statistics (see data_prep.photos), one class per photo.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.photos import write_photos
 from data_prep.synthetic import SyntheticSpec, jpeg_bytes, write_synthetic
 
 DIGIT_LEVELS = 16  # load_digits pixels are 0..16
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--val-layout", choices=("folders", "flat"), default="folders")
     synthetic.add_argument("--image-size", type=parse_image_size, default=None, help="WxH (default: ImageNet mix)")
     synthetic.add_argument("--no-quirks", action="store_true", help="only valid RGB JPEGs")
+    photos = kinds.add_parser("photos", help="real photos at ImageNet's sizes and JPEG statistics")
+    photos.add_argument("--out", type=Path, required=True)
+    photos.add_argument("--count", type=int, default=1000)
+    photos.add_argument("--val-fraction", type=float, default=0.0)
+    photos.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -89,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "digits":
             counts = write_digits(args.out, args.size, args.val_fraction, args.seed)
             print(f"wrote digits to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        elif args.kind == "photos":
+            stats = write_photos(args.out, args.count, args.seed, args.val_fraction)
+            print(f"wrote {stats.files} photos to {args.out}: mean {stats.mean_width:.0f} x {stats.mean_height:.0f} px, "
+                  f"{stats.mean_kb:.0f} KB, {100 * stats.short_side_under_224:.1f} % with a short side under 224")
         else:
             spec = SyntheticSpec(args.classes, args.per_class, args.val_per_class, args.seed, args.val_layout,
                                  args.image_size, quirks=not args.no_quirks)

@@ -1,11 +1,12 @@
-"""`rtrain` console script: launch | validate | models | eval | export | compare | reproduce
+"""`rtrain` console script: launch | validate | models | bench | eval | export | compare | reproduce
 
 Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
 does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
 (a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
 `rtrain: ...` line on stderr and exit code 2; so does `reproduce` (runs the paper's degradation experiment
 through real launches). `compare` does the same for a store, experiment or metric it cannot read, and exits 1
-(one line) when no run matches.
+(one line) when no run matches. `bench` measures a recipe's loader and training step on this machine and names
+the bottleneck; a recipe or data problem ends it with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rtrain.commands import bench
+    from rtrain.config import RecipeError
+    from rtrain.data import DecodeError, SampleError, ShardError
+
+    try:
+        return bench.run(args)
+    except (bench.BenchError, RecipeError, ShardError, SampleError, DecodeError, OSError) as exc:
+        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from rtrain.commands import compare_runs
     from rtrain.tracking.compare import CompareError, NoRunsError
@@ -108,12 +121,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     from rtrain.commands.arguments import (  # imports no torch
+        add_bench_arguments,
         add_compare_arguments,
         add_eval_arguments,
         add_export_arguments,
         add_reproduce_arguments,
     )
 
+    p = sub.add_parser("bench", help="a recipe's loader img/s and training step img/s on this machine, and which "
+                       "one is the bottleneck")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint on the val split (center, 10-crop, "
                        "multi-scale)")
     add_eval_arguments(p)

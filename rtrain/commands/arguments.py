@@ -73,3 +73,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--layer-responses", action="store_true", help="also overlay the runs' layer responses "
                         "(Fig. 7) in <out>-layer-responses.png (default layer-responses.png)")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    parser.add_argument("--loader-batches", type=int, default=20,
+                        help="batches timed through the loader after the first (default 20)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps timed (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default 2)")

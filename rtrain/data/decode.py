@@ -6,8 +6,12 @@ least the output resolution, so a large image whose crop is downscaled anyway is
 Only the 1/2, 1/4, 1/8 factors are used because libjpeg-turbo has SIMD inverse DCTs for exactly those; the
 other M/8 factors measured no faster (7/8 and 5/8 slower) than a full decode. Entropy (Huffman) decoding, which
 no scale factor avoids, is most of the cost of an ImageNet-sized file, so scaling pays off on large images.
-Region-only decoding (libjpeg-turbo's crop_scanline / skip_scanlines) is not exposed by simplejpeg or Pillow,
-so the whole (scaled) image is decoded.
+Region decoding: where the small C extension `rtrain.data._jpeg_region` was built (against the system's
+libjpeg-turbo; `pip install` skips it when the headers are missing), only the view's box is decoded: rows
+above the box are entropy-decoded but not transformed (jpeg_skip_scanlines), columns beside it are neither
+inverse-transformed nor colour-converted (jpeg_crop_scanline), and decoding stops below the box. Its pixels
+are bit-identical to the whole-image decode's (tests/unit/test_decode_region.py); without the extension the
+whole (scaled) image is decoded through simplejpeg, as Pillow and simplejpeg expose no region decoding.
 
 Fallback (PNG bytes, CMYK/YCCK JPEG, anything simplejpeg refuses): Pillow with `draft` (the same reduced-scale
 decoding for JPEG) and a conversion to RGB. The cut-and-resize is torch's uint8 antialiased bilinear resize
@@ -24,11 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from rtrain._errors import ExpectedError
 from rtrain.data.transforms import View
+
+try:  # optional: built by `pip install` where libjpeg's headers exist (see setup.py)
+    from rtrain.data import _jpeg_region
+except ImportError:  # pragma: no cover - depends on the build machine
+    _jpeg_region = None
+REGION_DECODE = _jpeg_region is not None
+_resize_aa = torch._C._nn._upsample_bilinear2d_aa
 
 # libjpeg-turbo scale denominators with SIMD inverse DCTs (see the module docstring).
 FAST_DENOMINATORS = (8, 4, 2, 1)
@@ -114,7 +124,12 @@ def decode_scaled(source: SourceImage, denominator: int, buffer: PixelBuffer | N
 
 
 def _box_in_pixels(view: View, source: SourceImage, pixels: np.ndarray) -> tuple[int, int, int, int]:
-    scale_x, scale_y = pixels.shape[1] / source.width, pixels.shape[0] / source.height
+    return _scaled_box(view, source, pixels.shape[1], pixels.shape[0])
+
+
+def _scaled_box(view: View, source: SourceImage, width: int, height: int) -> tuple[int, int, int, int]:
+    """The view's box in the pixels of the source decoded at width x height."""
+    scale_x, scale_y = width / source.width, height / source.height
     left, top, right, bottom = view.box
     x0, y0 = round(left * scale_x), round(top * scale_y)
     return x0, y0, max(x0 + 1, round(right * scale_x)), max(y0 + 1, round(bottom * scale_y))
@@ -134,14 +149,39 @@ def cut_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> torch.Tensor:
     return canvas
 
 
+def decode_box(source: SourceImage, view: View, denominator: int, buffer: PixelBuffer) -> torch.Tensor | None:
+    """The view's box, decoded alone at 1/denominator scale (region decoding), as an (h, w, 3) view of
+    `buffer` (or a black-padded copy where the box reaches outside); None where the extension is missing or
+    refuses the file (the caller then decodes the whole image)."""
+    if _jpeg_region is None or not source.jpeg_fast:
+        return None
+    width, height = math.ceil(source.width / denominator), math.ceil(source.height / denominator)
+    x0, y0, x1, y1 = _scaled_box(view, source, width, height)
+    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if ix0 >= ix1 or iy0 >= iy1:
+        return torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8)
+    memory = buffer.at_least(3 * width * (iy1 - iy0))  # the widened columns never exceed the image's width
+    try:
+        left, cols, rows = _jpeg_region.decode_region(source.data, denominator, ix0, iy0, ix1, iy1, memory)
+    except ValueError:
+        return None  # e.g. damaged data: the whole-image path has the fallbacks and the error messages
+    inside = torch.from_numpy(memory[:rows * cols * 3].reshape(rows, cols, 3))[:, ix0 - left:ix1 - left]
+    if (x0, y0, x1, y1) == (ix0, iy0, ix1, iy1):
+        return inside
+    canvas = torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8)
+    canvas[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = inside
+    return canvas
+
+
 def resize_to_chw(region: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """(h, w, 3) -> (3, out_h, out_w). torch's vectorized uint8 antialiased resize reads the channels_last
     view of the decoded image and writes a contiguous CHW result, so no separate transpose is needed."""
     chw = region.permute(2, 0, 1)
     if tuple(region.shape[:2]) == tuple(out_size):
         return chw
-    resized = F.interpolate(chw.unsqueeze(0), size=out_size, mode="bilinear", antialias=True, align_corners=False)
-    return resized[0]
+    # F.interpolate(mode="bilinear", antialias=True, align_corners=False) without its Python argument checks,
+    # which cost a tenth of the resize itself (tests/unit/test_decode.py compares the two)
+    return _resize_aa(chw.unsqueeze(0), list(out_size), False, None)[0]
 
 
 def apply_lighting(image: torch.Tensor, offset: tuple[float, float, float]) -> torch.Tensor:
@@ -151,12 +191,16 @@ def apply_lighting(image: torch.Tensor, offset: tuple[float, float, float]) -> t
 
 def render(source: SourceImage, view: View, buffer: PixelBuffer | None = None) -> torch.Tensor:
     """The view of the source as a (3, out_h, out_w) uint8 tensor (never a view of `buffer`)."""
-    pixels = decode_scaled(source, decode_denominator(view), buffer)
-    image = resize_to_chw(cut_box(pixels, _box_in_pixels(view, source, pixels)), view.out_size)
+    denominator = decode_denominator(view)
+    region = decode_box(source, view, denominator, buffer) if buffer is not None else None
+    if region is None:
+        pixels = decode_scaled(source, denominator, buffer)
+        region = cut_box(pixels, _box_in_pixels(view, source, pixels))
+    image = resize_to_chw(region, view.out_size)
     if view.flip:
         image = image.flip(2)
     if view.lighting is not None:
         image = apply_lighting(image, view.lighting)
-    if buffer is not None and image.untyped_storage().data_ptr() == pixels.ctypes.data:
-        image = image.clone()  # an uncut, unresized view would alias the buffer the next decode reuses
+    if buffer is not None and image.untyped_storage().data_ptr() == region.untyped_storage().data_ptr():
+        image = image.clone()  # an unresized view would alias the buffer the next decode reuses
     return image

@@ -138,8 +138,9 @@ def train_view(cfg: TransformConfig, rng: random.Random, width: int, height: int
         view = View(box, (size, size))
     elif cfg.augment == "cifar":
         # torchvision RandomCrop(size, padding=4): offsets into the zero-padded image.
-        top = rng.randint(0, height + 2 * CIFAR_PADDING - size) - CIFAR_PADDING
-        left = rng.randint(0, width + 2 * CIFAR_PADDING - size) - CIFAR_PADDING
+        # (an image smaller than the crop even with the padding: the crop starts at the padding's corner)
+        top = rng.randint(0, max(0, height + 2 * CIFAR_PADDING - size)) - CIFAR_PADDING
+        left = rng.randint(0, max(0, width + 2 * CIFAR_PADDING - size)) - CIFAR_PADDING
         view = View((left, top, left + size, top + size), (size, size))
     else:
         raise ValueError(f"data.augment: unknown augmentation {cfg.augment!r}")

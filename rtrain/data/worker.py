@@ -87,6 +87,19 @@ class EpochTask:
         return self.geometry.batches_per_rank - self.batches_done
 
 
+def _batch_memory(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor for a batch; in a DataLoader worker process it lives in shared memory from the start,
+    so handing it to the rank's main process sends a file descriptor instead of copying the batch into a new
+    shared segment (measured: that copy cost about a quarter of the loader's throughput at 1 worker)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    count = 1
+    for extent in shape:
+        count *= extent
+    storage = torch.UntypedStorage._new_shared(count)
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class BatchAssembler:
     """Fills fixed-size uint8 NCHW batches; bad samples leave the batch one shorter."""
 
@@ -99,10 +112,10 @@ class BatchAssembler:
     def _start_next(self) -> None:
         size = self.sizes[0] if self.sizes else 0
         side = self.image_size
-        if self.channels_last:  # NHWC storage seen as NCHW: torch's channels_last memory format
-            self.images = torch.empty((size, side, side, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-        else:
-            self.images = torch.empty((size, 3, side, side), dtype=torch.uint8)
+        shape = (size, side, side, 3) if self.channels_last else (size, 3, side, side)
+        images = _batch_memory(shape)
+        # channels_last: NHWC storage seen as NCHW, torch's channels_last memory format
+        self.images = images.permute(0, 3, 1, 2) if self.channels_last else images
         self.labels: list[int] = []
         self.ids: list[int] = []
         self.slots_used = 0

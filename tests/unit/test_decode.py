@@ -143,3 +143,12 @@ def test_reused_buffer_gives_the_same_pixels_and_never_aliases() -> None:
     again = render(probe(first), full)
     render(probe(second), View((0, 0, 64, 48), (48, 64)), buffer)  # overwrites the buffer
     assert torch.equal(kept, again)
+
+
+def test_resize_matches_torch_interpolate() -> None:
+    from rtrain.data.decode import resize_to_chw
+
+    region = torch.randint(0, 256, (301, 277, 3), dtype=torch.uint8)
+    expected = torch.nn.functional.interpolate(region.permute(2, 0, 1).unsqueeze(0), size=(224, 200),
+                                               mode="bilinear", antialias=True, align_corners=False)[0]
+    assert torch.equal(resize_to_chw(region, (224, 200)), expected)

@@ -81,6 +81,13 @@ def test_cifar_crop_is_pad4_then_32() -> None:
     assert len(offsets) > 40
 
 
+def test_cifar_crop_of_an_image_smaller_than_the_crop_starts_at_the_padding() -> None:
+    cfg = DataConfig(augment="cifar", image_size=64)
+    for epoch in range(20):
+        left, top, right, bottom = make_view(cfg, True, 0, epoch, "k", 40, 100).box
+        assert left == -4 and (right - left, bottom - top) == (64, 64) and -4 <= top <= 100 + 4 - 64
+
+
 def test_eval_views_are_fixed() -> None:
     cfg = DataConfig(eval_transform="cifar", image_size=32)
     assert make_view(cfg, False, 0, 5, "k", 32, 32).box == (0, 0, 32, 32)
