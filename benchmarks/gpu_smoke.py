@@ -1,13 +1,18 @@
 """CUDA paths that CI (CPU only) cannot run: run this on a GPU machine and record what it prints.
 
-    python benchmarks/gpu_smoke.py [--steps 20]
+    python benchmarks/gpu_smoke.py [--steps 20] [--data SHARDS]
 
 Checks, each printed as `ok` / `FAIL`:
 - train step on CUDA: bf16 autocast + channels_last, fp16 with dynamic loss scaling, fused SGD, LARS;
 - rtrain SyncBatchNorm over NCCL (1 rank) and torch.nn.SyncBatchNorm via convert_sync_batchnorm(impl="torch");
 - torchvision interchange: our exported resnet50 state dict loaded into torchvision's resnet50 gives the
   same outputs (only when torchvision is installed);
-and a step-overhead ratio: rtrain's step vs a bare PyTorch loop (bf16, channels_last, resnet50).
+and a step-overhead ratio: rtrain's step vs a bare PyTorch loop (bf16, channels_last, resnet50); a LARS step
+against an SGD step (same model, bf16); with `--data SHARDS` (rtrain shards with a train split) and
+nvidia-dali installed (`pip install nvidia-dali-cuda120` or -cuda130 to match the driver): `data.backend:
+dali` against the CPU loader over one epoch (each sample once, same labels, pixel statistics within 2 %),
+exact resume from its state dict, and img/s of both. Written for a lent GPU machine; not yet run (no GPU was
+lent since these checks were added).
 """
 
 from __future__ import annotations
@@ -52,6 +57,73 @@ def _train(precision: PrecisionConfig, optim: str, fused: bool | None, steps: in
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], f"loss did not fall on a fixed batch: {losses[0]:.3f} -> {losses[-1]:.3f}"
     return f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, scale {backend.loss_scale():g}"
+
+
+def _step_seconds(optim: str, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build("resnet50").to(DEV, memory_format=torch.channels_last)
+    opt = build_optimizer(model, optim, lr=0.05 if optim == "sgd" else 1.0, weight_decay=1e-4, fused=None)
+    backend = DDPBackend(model, opt, build_scaler(PrecisionConfig(dtype="bf16"), DEV), device=DEV)
+    step = TrainStep(backend, Normalizer(MEAN, STD, DEV, True), PrecisionConfig(dtype="bf16"))
+    x, y = _batch()
+    for _ in range(3):
+        step(x, y)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def _lars_vs_sgd(steps: int) -> str:
+    sgd, lars = _step_seconds("sgd", steps), _step_seconds("lars", steps)
+    return f"SGD {1e3 * sgd:.1f} ms, LARS {1e3 * lars:.1f} ms per step: ratio_lars_vs_sgd {lars / sgd:.3f}"
+
+
+def _epoch(loader, limit: int | None = None):
+    labels, total, squares, count, start = [], 0.0, 0.0, 0, time.perf_counter()
+    for index, (images, target) in enumerate(loader):
+        if limit is not None and index >= limit:
+            break
+        pixels = images.float()
+        total, squares, count = total + float(pixels.sum()), squares + float((pixels ** 2).sum()), count + pixels.numel()
+        labels += target.cpu().tolist()
+    seconds = time.perf_counter() - start
+    mean = total / count
+    return sorted(labels), mean, (squares / count - mean ** 2) ** 0.5, len(labels) / seconds
+
+
+def _dali(data: str) -> str:
+    from rtrain.config import DataConfig
+    from rtrain.data import build_loader
+
+    def make(backend: str):
+        cfg = DataConfig(source=data, backend=backend, num_workers=4)
+        loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=64, seed=0, train=True)
+        loader.set_epoch(0)
+        return loader
+
+    cpu_labels, cpu_mean, cpu_std, cpu_rate = _epoch(make("webdataset"))
+    dali_labels, dali_mean, dali_std, dali_rate = _epoch(make("dali"))
+    from collections import Counter
+
+    missing = Counter(dali_labels) - Counter(cpu_labels)  # DALI may drop a partial last batch, nothing else
+    assert not missing and len(dali_labels) > len(cpu_labels) - 64, \
+        f"DALI's epoch holds other samples: {len(dali_labels)} vs {len(cpu_labels)}, extra labels {dict(missing)}"
+    assert abs(dali_mean - cpu_mean) < 0.02 * cpu_mean and abs(dali_std - cpu_std) < 0.02 * cpu_std, \
+        f"pixel statistics differ: mean {dali_mean:.2f} vs {cpu_mean:.2f}, std {dali_std:.2f} vs {cpu_std:.2f}"
+    first = make("dali")
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    state = first.state_dict()
+    expected = next(iterator)
+    resumed = make("dali")
+    resumed.load_state_dict(state)
+    got = next(iter(resumed))
+    assert torch.equal(got[1].cpu(), expected[1].cpu()) and torch.equal(got[0], expected[0]), "resume differs"
+    return f"same samples and labels, exact resume; CPU {cpu_rate:.0f} img/s, DALI {dali_rate:.0f} img/s"
 
 
 def _syncbn(impl: str):
@@ -127,6 +199,7 @@ def _overhead(steps: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--data", help="rtrain shards (train split) for the DALI check")
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -143,7 +216,10 @@ def main() -> None:
         "syncbn torch.nn.SyncBatchNorm": lambda: _syncbn("torch"),
         "torchvision interchange": _torchvision,
         "step overhead": lambda: _overhead(args.steps),
+        "LARS vs SGD step": lambda: _lars_vs_sgd(args.steps),
     }
+    if args.data:
+        checks["dali vs CPU loader"] = lambda: _dali(args.data)
     for name, check in checks.items():
         try:
             print(f"ok    {name}: {check()}", flush=True)
