@@ -44,7 +44,7 @@ reproduce-degradation: $(STAMP)
 	$(PY) -m rtrain.cli reproduce degradation --out $(DEGRADATION_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow and not integration"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rtrain.data.batchpool import BatchPool, PooledBatch
 from rtrain.data.ledger import SampleLedger
 from rtrain.data.plan import (
     Layout,
@@ -194,11 +195,16 @@ class EpochIterator:
             loader.ledger.start(state.epoch, len(state.history), state.batches_done, state.history,
                                 loader.layout.world_size)
         self._items: Iterator = iter(())
+        self._pool: BatchPool | None = None
+        cfg = loader.cfg
+        self._pin = bool(cfg.pin_memory and torch.cuda.is_available())
         if task.batches_left > 0:
-            cfg = loader.cfg
+            if cfg.num_workers > 0:  # batches cross a process boundary: reuse their shared memory
+                self._pool = BatchPool(cfg.num_workers, max(task.geometry.rank_sizes[task.rank]),
+                                       cfg.image_size, cfg.channels_last)
             self._items = iter(DataLoader(
-                RankBatches(task), batch_size=None, num_workers=cfg.num_workers,
-                pin_memory=bool(cfg.pin_memory and torch.cuda.is_available()), persistent_workers=False,
+                RankBatches(task, self._pool), batch_size=None, num_workers=cfg.num_workers,
+                pin_memory=self._pin, persistent_workers=False,
             ))
 
     def __iter__(self) -> EpochIterator:
@@ -211,6 +217,8 @@ class EpochIterator:
             state.add_skips(tally.counts, tally.by_shard)
             if tally.failure is not None:  # on_bad_sample: raise, from a worker (see rtrain.data.worker)
                 raise tally.failure
+            if isinstance(images, PooledBatch):
+                images = self._pool.take(images, self._pin)
             if images is not None:
                 if self.loader.ledger is not None:
                     self.loader.ledger.record(state.epoch, len(state.history), state.batches_done, ids)

@@ -20,7 +20,7 @@ traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rtrain._errors import ExpectedError
+from rtrain.data.batchpool import BatchPool, PooledBatch
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
@@ -89,8 +90,8 @@ class EpochTask:
 
 def _batch_memory(shape: tuple[int, ...]) -> torch.Tensor:
     """A uint8 tensor for a batch; in a DataLoader worker process it lives in shared memory from the start,
-    so handing it to the rank's main process sends a file descriptor instead of copying the batch into a new
-    shared segment (measured: that copy cost about a quarter of the loader's throughput at 1 worker)."""
+    so handing it over sends a file descriptor instead of copying it into a new shared segment (used when the
+    rank's BatchPool has no free buffer)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
     count = 1
@@ -101,21 +102,30 @@ def _batch_memory(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class BatchAssembler:
-    """Fills fixed-size uint8 NCHW batches; bad samples leave the batch one shorter."""
+    """Fills fixed-size uint8 NCHW batches; bad samples leave the batch one shorter. With a `claim` (a
+    BatchPool's, in a worker) a batch goes into a pooled buffer when one is free."""
 
-    def __init__(self, sizes: list[int], image_size: int, channels_last: bool):
+    def __init__(self, sizes: list[int], image_size: int, channels_last: bool,
+                 claim: Callable[[], tuple[int, torch.Tensor] | None] | None = None):
         self.sizes = list(sizes)
         self.image_size = image_size
         self.channels_last = channels_last
+        self.claim = claim
         self._start_next()
 
     def _start_next(self) -> None:
         size = self.sizes[0] if self.sizes else 0
-        side = self.image_size
-        shape = (size, side, side, 3) if self.channels_last else (size, 3, side, side)
-        images = _batch_memory(shape)
-        # channels_last: NHWC storage seen as NCHW, torch's channels_last memory format
-        self.images = images.permute(0, 3, 1, 2) if self.channels_last else images
+        claimed = self.claim() if self.claim is not None and size else None
+        self.slot: int | None = None
+        if claimed is not None:
+            self.slot, pooled = claimed
+            self.images = pooled[:size]
+        else:
+            side = self.image_size
+            shape = (size, side, side, 3) if self.channels_last else (size, 3, side, side)
+            images = _batch_memory(shape)
+            # channels_last: NHWC storage seen as NCHW, torch's channels_last memory format
+            self.images = images.permute(0, 3, 1, 2) if self.channels_last else images
         self.labels: list[int] = []
         self.ids: list[int] = []
         self.slots_used = 0
@@ -132,8 +142,8 @@ class BatchAssembler:
     def full(self) -> bool:
         return bool(self.sizes) and self.slots_used >= self.sizes[0]
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        images = self.images[: len(self.labels)]
+    def take(self) -> tuple[torch.Tensor | PooledBatch, torch.Tensor, list[int]]:
+        images = self.images[: len(self.labels)] if self.slot is None else PooledBatch(self.slot, len(self.labels))
         labels = torch.tensor(self.labels, dtype=torch.int64)
         ids = self.ids
         self.sizes.pop(0)
@@ -142,11 +152,13 @@ class BatchAssembler:
 
 
 class RankBatches(IterableDataset):
-    """Iterable over (images, labels, sample ids, Tally) items; (None, None, None, tally) pads the end."""
+    """Iterable over (images, labels, sample ids, Tally) items; (None, None, None, tally) pads the end. With a
+    pool, images may come as a PooledBatch that the main process resolves with `pool.take`."""
 
-    def __init__(self, task: EpochTask):
+    def __init__(self, task: EpochTask, pool: BatchPool | None = None):
         super().__init__()
         self.task = task
+        self.pool = pool
 
     def __iter__(self) -> Iterator[tuple[Any, Any, Any, Tally]]:
         info = get_worker_info()
@@ -157,7 +169,8 @@ class RankBatches(IterableDataset):
             raise RuntimeError(f"loader: {workers} worker processes for {slots} slots per rank")
         items = -(-task.batches_left // slots)
         produced = 0
-        reader = SlotReader(task, (task.batches_done + worker) % slots)
+        claim = (lambda: self.pool.claim(worker)) if self.pool is not None and info is not None else None
+        reader = SlotReader(task, (task.batches_done + worker) % slots, claim)
         try:
             for produced, item in enumerate(reader.batches(), start=1):
                 yield item
@@ -173,8 +186,10 @@ class RankBatches(IterableDataset):
 class SlotReader:
     """Reads one slot's remaining samples and turns them into its remaining batches."""
 
-    def __init__(self, task: EpochTask, slot: int):
+    def __init__(self, task: EpochTask, slot: int,
+                 claim: Callable[[], tuple[int, torch.Tensor] | None] | None = None):
         self.task = task
+        self.claim = claim
         self.plan = slot_plan(task.geometry, task.rank, slot, seed=task.seed, epoch=task.epoch,
                               segment=task.segment)
         done = slot_batches_done(task.batches_done, slot, task.geometry.layout.slots_per_rank)
@@ -191,7 +206,7 @@ class SlotReader:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int], Tally]]:
         task = self.task
-        assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last)
+        assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last, self.claim)
         for sample_id, item in self._samples_in_emission_order():
             image, label = self._prepare(sample_id, item)
             assembler.add(image, label, int(sample_id))

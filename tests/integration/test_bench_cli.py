@@ -28,9 +28,9 @@ def photo_shards(tmp_path_factory) -> Path:
     from data_prep.photos import write_photos
 
     root = tmp_path_factory.mktemp("bench")
-    write_photos(root / "photos", 120, seed=1)
+    write_photos(root / "photos", 80, seed=1)
     subprocess.run([sys.executable, "-m", "data_prep.imagenet", "--src", str(root / "photos"), "--out",
-                    str(root / "shards"), "--shard-size", "40", "--workers", "2", "--no-progress"], cwd=REPO,
+                    str(root / "shards"), "--shard-size", "20", "--workers", "2", "--no-progress"], cwd=REPO,
                    check=True, capture_output=True, timeout=300)
     return root / "shards"
 
@@ -42,7 +42,7 @@ def _rates(stdout: str) -> tuple[float, float]:
 
 
 def test_bench_measures_both_and_names_the_bottleneck(photo_shards: Path) -> None:
-    common = [f"data.source={photo_shards}", "dist.num_workers=1", "train.global_batch=16", "data.num_workers=1",
+    common = [f"data.source={photo_shards}", "dist.num_workers=1", "train.global_batch=8", "data.num_workers=1",
               "--loader-batches", "3", "--steps", "2", "--warmup", "1"]
     # ImageNet-sized photos into a 20-layer CIFAR net at 32 px: the loader's decoding is the slower side?
     # Either way the verdict must name the slower of the two measured rates.
@@ -52,9 +52,9 @@ def test_bench_measures_both_and_names_the_bottleneck(photo_shards: Path) -> Non
     assert loader > 0 and model > 0
     slower = "input pipeline" if loader < model else "model step"
     assert f"bottleneck: the {slower}" in done.stdout
-    assert "1 worker process(es)" in done.stdout and "16 images per rank" in done.stdout
+    assert "1 worker process(es)" in done.stdout and "8 images per rank" in done.stdout
     # A much heavier model step on the same data: now the model is the bottleneck.
-    heavy = _bench("recipes/quickstart.yaml", "model.name=resnet50", "data.augment=rrc", "data.image_size=160", *common)
+    heavy = _bench("recipes/quickstart.yaml", "model.name=resnet50", "data.augment=rrc", "data.image_size=128", *common)
     assert heavy.returncode == 0, heavy.stderr[-3000:]
     loader, model = _rates(heavy.stdout)
     assert model < loader and "bottleneck: the model step" in heavy.stdout
@@ -65,8 +65,8 @@ def test_bench_problems_end_with_one_line(photo_shards: Path, tmp_path: Path) ->
     assert missing.returncode == 2 and missing.stderr.startswith("rtrain: ")
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
     too_many = _bench("recipes/quickstart.yaml", f"data.source={photo_shards}", "dist.num_workers=1",
-                      "train.global_batch=16", "data.num_workers=0", "--loader-batches", "50")
-    assert too_many.returncode == 2 and "fewer than 51 batches" in too_many.stderr
+                      "train.global_batch=16", "data.num_workers=0", "--loader-batches", "40")
+    assert too_many.returncode == 2 and "fewer than 41 batches" in too_many.stderr
     bad_key = _bench("recipes/quickstart.yaml", "train.no_such_key=1")
     assert bad_key.returncode == 2 and "no_such_key" in bad_key.stderr
 
