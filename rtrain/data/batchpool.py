@@ -23,6 +23,11 @@ import torch
 SLOTS_PER_WORKER = 3
 
 
+def shared_uint8(nbytes: int) -> torch.Tensor:
+    """A 1-D uint8 tensor over new shared memory (nothing copied; pages are touched by whoever writes first)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
 @dataclass(frozen=True)
 class PooledBatch:
     """A worker's message: images 0..count-1 of buffer `slot` hold the batch."""
@@ -40,9 +45,7 @@ class BatchPool:
         self.slots_per_worker = slots_per_worker
         count = workers * slots_per_worker
         nbytes = batch_size * 3 * side * side
-        # Pages are touched first by the worker that fills a buffer (no copy of uninitialised memory here).
-        self._buffers = [torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
-                         for _ in range(count)]
+        self._buffers = [shared_uint8(nbytes) for _ in range(count)]  # first touched by the worker filling it
         # Its lock is also the memory barrier between "copied out" in one process and "refilled" in another.
         self._busy = multiprocessing.Array("b", count)
         self._cursor = 0  # per process: in a worker, where its next buffer is

@@ -20,6 +20,7 @@ traceback.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rtrain._errors import ExpectedError
-from rtrain.data.batchpool import BatchPool, PooledBatch
+from rtrain.data.batchpool import BatchPool, PooledBatch, shared_uint8
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
@@ -94,11 +95,7 @@ def _batch_memory(shape: tuple[int, ...]) -> torch.Tensor:
     rank's BatchPool has no free buffer)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
-    count = 1
-    for extent in shape:
-        count *= extent
-    storage = torch.UntypedStorage._new_shared(count)
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return shared_uint8(math.prod(shape)).view(shape)
 
 
 class BatchAssembler:
