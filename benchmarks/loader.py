@@ -19,14 +19,18 @@ default collate (float32 batches). rtrain: build_loader(train=True) with the def
 (uint8 batches; normalization happens on the device in the train step).
 
 Each measurement is one epoch through a fresh DataLoader with N worker processes, timed from the first batch
-to the last (worker start-up excluded for both); images/s per core = images/s / N. Configurations alternate
-(classic, rtrain) and the best of `--rounds` is kept. "rtrain whole" is rtrain with region decoding switched
-off (the extension's share). `--max-side` also shards the images with data_prep's re-encoding to that longer
-side (as FFCV does) and measures rtrain on those shards against the classic pipeline on the originals.
+to the last (worker start-up excluded for both); images/s per core = images/s / N. The pipelines run in turn,
+round after round, so that each round's figures share the machine's state; the table shows the best of
+`--rounds` per pipeline. "rtrain whole" is rtrain with region decoding switched off (the extension's share).
+`--max-side` also shards the images with data_prep's re-encoding to that longer side (as FFCV does) and
+measures rtrain on those shards against the classic pipeline on the originals.
 
-The last lines: `ratio_vs_classic: X.XX`, the geometric mean over worker counts of rtrain's per-core
-throughput over classic's, and `ratio_vs_decode_limit: X.XX`, rtrain's per-core throughput at the first
-worker count over the decode limit (best of as many passes, taken between those runs).
+The ratios are taken within rounds, where the machine was the same, and their median over rounds is kept:
+on a shared machine a pipeline's speed drifts by 10-20 % within minutes, so a best-of-rounds over a
+best-of-rounds compares two different moments. `ratio_vs_classic: X.XX`: the geometric mean over worker
+counts of the median of rtrain / classic; `ratio_vs_decode_limit: X.XX`: at the first worker count, the
+median of rtrain's per-core throughput over the decode limit measured right before and right after that run
+(their mean), with the range over rounds.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import io
 import math
 import random
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -214,6 +219,12 @@ def run_rtrain(shard_root: Path, workers: int, batch: int, epoch: int, region: b
     return count / seconds
 
 
+def region_state() -> str:
+    if not decode.REGION_DECODE:
+        return "off (extension not built or no libjpeg-turbo loaded)"
+    return f"on ({Path(decode.REGION_LIBRARY).name})"
+
+
 def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -229,7 +240,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true", help="default set: data_prep.synthetic's images")
     parser.add_argument("--workers", default="1,2", help="comma list of DataLoader worker counts")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-side", default="", help="comma list: also shards re-encoded to this longer side")
     parser.add_argument("--classes", type=int, default=8, help="synthetic set: classes")
     parser.add_argument("--per-class", type=int, default=96, help="synthetic set: images per class")
@@ -241,34 +252,40 @@ def main() -> None:
         sides = {int(side): max_side_shards(items, int(side), Path(tmp)) for side in args.max_side.split(",") if side}
         sizes = [Path(p).stat().st_size for p, _ in items]
         print(f"images: {len(items)}, mean {np.mean(sizes) / 1e3:.0f} KB; batch {args.batch}; "
-              f"region decoding {'on' if decode.REGION_DECODE else 'off (extension not built)'}; "
+              f"region decoding {region_state()}; "
               f"load {load_average()}")
         payloads = [Path(p).read_bytes() for p, _ in items]
-        limit, ratios, per_core = 0.0, [], {}
+        limits, limit_ratios, classic_ratios = [], [], []
         for workers in worker_counts:
-            best = {"classic": 0.0, "rtrain": 0.0, "rtrain whole": 0.0}
-            best.update({f"rtrain max-side {side}": 0.0 for side in sides})
-            for round_index in range(args.rounds):  # alternating, so every pipeline sees the same machine load
-                if workers == worker_counts[0]:  # as many passes as rtrain's runs it is compared with
-                    limit = max(limit, decode_limit(payloads))
-                best["classic"] = max(best["classic"], run_classic(items, workers, args.batch))
-                best["rtrain"] = max(best["rtrain"], run_rtrain(shard_root, workers, args.batch, round_index))
+            runs: dict[str, list[float]] = {"classic": [], "rtrain": [], "rtrain whole": []}
+            runs.update({f"rtrain max-side {side}": [] for side in sides})
+            first = workers == worker_counts[0]
+            for round_index in range(args.rounds):
+                if first:  # a decode-limit pass right before each rtrain run (and one after the last)
+                    limits.append(decode_limit(payloads))
+                runs["rtrain"].append(run_rtrain(shard_root, workers, args.batch, round_index))
+                if first:
+                    limits.append(decode_limit(payloads))
+                runs["classic"].append(run_classic(items, workers, args.batch))
                 if decode.REGION_DECODE:
-                    best["rtrain whole"] = max(best["rtrain whole"], run_rtrain(
-                        shard_root, workers, args.batch, round_index, region=False))
+                    runs["rtrain whole"].append(run_rtrain(shard_root, workers, args.batch, round_index, region=False))
                 for side, root in sides.items():
-                    name = f"rtrain max-side {side}"
-                    best[name] = max(best[name], run_rtrain(root, workers, args.batch, round_index))
-            ratios.append(best["rtrain"] / best["classic"])
-            per_core[workers] = best["rtrain"] / workers
+                    runs[f"rtrain max-side {side}"].append(run_rtrain(root, workers, args.batch, round_index))
+            classic_ratios.append(statistics.median(r / c for r, c in zip(runs["rtrain"], runs["classic"])))
+            if first:
+                limit_ratios = [rate / workers / ((limits[2 * i] + limits[2 * i + 1]) / 2)
+                                for i, rate in enumerate(runs["rtrain"])]
+            best = {name: max(values) for name, values in runs.items() if values}
             print(f"workers={workers}: " + "   ".join(
                 f"{name} {value / workers:7.1f} img/s/core ({value / best['classic']:.2f}x classic)"
-                for name, value in best.items() if value))
-        print(f"decode limit: {limit:7.1f} img/s/core (whole-image libjpeg-turbo decode, bytes in memory, best "
-              f"of {args.rounds} passes taken between the loader runs)")
+                for name, value in best.items()))
+        print(f"decode limit:   {max(limits):7.1f} img/s/core (whole-image libjpeg-turbo decode, bytes in memory, "
+              f"best of {len(limits)} passes; median {statistics.median(limits):.1f})")
         print(f"load after: {load_average()}")
-        print(f"ratio_vs_classic: {geometric_mean(ratios):.2f}")
-        print(f"ratio_vs_decode_limit: {per_core[worker_counts[0]] / limit:.2f}")
+        print(f"rtrain / decode limit per round (workers={worker_counts[0]}): "
+              + " ".join(f"{ratio:.2f}" for ratio in limit_ratios) + f"; median {statistics.median(limit_ratios):.2f}")
+        print(f"ratio_vs_classic: {geometric_mean(classic_ratios):.2f}")
+        print(f"ratio_vs_decode_limit: {statistics.median(limit_ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ class DataConfig(Section):
     pca_lighting: float = Field(0.0, ge=0, description="AlexNet PCA lighting alphastd (0 = off, 0.1 classic).")
     eval_transform: Literal["resize_center", "cifar"] = Field(
         "resize_center", description="Eval transform: resize + center crop, or the image as is (CIFAR).")
-    channels_last: bool = Field(False, description="Batches and model in channels_last memory format.")
+    channels_last: bool = Field(
+        False, description="Model and its normalized input in channels_last memory format (the loader's uint8 "
+                           "batches are channels_last memory always; the device converts).")
     on_bad_sample: Literal["skip", "raise"] = Field(
         "skip", description="A sample that fails to decode or a bad shard: skip and count it, or raise.")
     verify_sha256: bool = Field(False, description="Check each shard's sha256 against the manifest on read.")

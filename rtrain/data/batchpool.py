@@ -37,11 +37,9 @@ class PooledBatch:
 
 
 class BatchPool:
-    def __init__(self, workers: int, batch_size: int, image_size: int, channels_last: bool,
-                 slots_per_worker: int = SLOTS_PER_WORKER):
+    def __init__(self, workers: int, batch_size: int, image_size: int, slots_per_worker: int = SLOTS_PER_WORKER):
         side = image_size
-        self.shape = (batch_size, side, side, 3) if channels_last else (batch_size, 3, side, side)
-        self.channels_last = channels_last
+        self.shape = (batch_size, side, side, 3)  # channels_last storage, as every rtrain batch (worker.py)
         self.slots_per_worker = slots_per_worker
         count = workers * slots_per_worker
         nbytes = batch_size * 3 * side * side
@@ -51,7 +49,8 @@ class BatchPool:
         self._cursor = 0  # per process: in a worker, where its next buffer is
 
     def claim(self, worker: int) -> tuple[int, torch.Tensor] | None:
-        """(slot, its batch-shaped uint8 tensor, NCHW view) for `worker` to fill, or None if it is busy."""
+        """(slot, its batch-shaped uint8 tensor: an NCHW view of NHWC memory) for `worker` to fill, or None
+        if it is busy."""
         slot = worker * self.slots_per_worker + self._cursor % self.slots_per_worker
         with self._busy.get_lock():
             if self._busy[slot]:
@@ -61,8 +60,7 @@ class BatchPool:
         return slot, self._images(slot, self.shape[0])
 
     def _images(self, slot: int, count: int) -> torch.Tensor:
-        images = self._buffers[slot].view(self.shape)[:count]
-        return images.permute(0, 3, 1, 2) if self.channels_last else images
+        return self._buffers[slot].view(self.shape)[:count].permute(0, 3, 1, 2)
 
     def take(self, batch: PooledBatch, pin: bool = False) -> torch.Tensor:
         """The batch as memory of the caller's own (pinned if asked); the buffer is free again on return."""

@@ -6,8 +6,9 @@ least the output resolution, so a large image whose crop is downscaled anyway is
 Only the 1/2, 1/4, 1/8 factors are used because libjpeg-turbo has SIMD inverse DCTs for exactly those; the
 other M/8 factors measured no faster (7/8 and 5/8 slower) than a full decode. Entropy (Huffman) decoding, which
 no scale factor avoids, is most of the cost of an ImageNet-sized file, so scaling pays off on large images.
-Region decoding: where the small C extension `rtrain.data._jpeg_region` was built (against the system's
-libjpeg-turbo; `pip install` skips it when the headers are missing), only the view's box is decoded: rows
+Region decoding: where the small C extension `rtrain.data._jpeg_region` was built (`pip install` skips it when
+libjpeg's headers are missing) and a libjpeg-turbo shared library loads (Pillow's bundled 3.x first, then the
+system's; see libjpeg_candidates), only the view's box is decoded: rows
 above the box are entropy-decoded but not transformed (jpeg_skip_scanlines), columns beside it are neither
 inverse-transformed nor colour-converted (jpeg_crop_scanline), and decoding stops below the box. Its pixels
 are bit-identical to the whole-image decode's (tests/unit/test_decode_region.py); without the extension the
@@ -21,8 +22,10 @@ within rounding) applied to the box only. Train and eval use the same decoder.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +40,6 @@ try:  # optional: built by `pip install` where libjpeg's headers exist (see setu
     from rtrain.data import _jpeg_region
 except ImportError:  # pragma: no cover - depends on the build machine
     _jpeg_region = None
-REGION_DECODE = _jpeg_region is not None
 _resize_aa = torch._C._nn._upsample_bilinear2d_aa
 
 # libjpeg-turbo scale denominators with SIMD inverse DCTs (see the module docstring).
@@ -48,6 +50,45 @@ FAST_DENOMINATORS = (8, 4, 2, 1)
 FAST_UPSAMPLE = True
 FAST_DCT = True
 _FAST_COLORSPACES = ("YCbCr", "Gray")
+
+
+def libjpeg_candidates() -> list[str]:
+    """libjpeg-turbo shared libraries (libjpeg 6.2 ABI) for region decoding, best first: $RTRAIN_LIBJPEG, the
+    one bundled with Pillow's wheel (libjpeg-turbo 3.x, as simplejpeg's), the system's libjpeg.so.62."""
+    import PIL
+
+    bundled = []
+    for folder in ("pillow.libs", "Pillow.libs"):
+        bundled += sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(PIL.__file__)), folder,
+                                                 "libjpeg*.so*")))
+    forced = os.environ.get("RTRAIN_LIBJPEG")
+    return [forced] if forced else [*bundled, "libjpeg.so.62"]
+
+
+def _load_region_library() -> str | None:
+    """Load the first candidate that opens and decodes a test image exactly as simplejpeg does; its path, or
+    None (region decoding off: whole images are decoded)."""
+    if _jpeg_region is None:
+        return None
+    pixels = np.arange(48 * 40 * 3, dtype=np.uint8).reshape(48, 40, 3)
+    probe_jpeg = simplejpeg.encode_jpeg(pixels, quality=90, colorsubsampling="420")
+    expected = simplejpeg.decode_jpeg(probe_jpeg, colorspace="RGB", fastdct=True, fastupsample=True)
+    out = np.empty(48 * 40 * 3, dtype=np.uint8)
+    for path in libjpeg_candidates():
+        try:
+            _jpeg_region.load(path)
+            _jpeg_region.decode_region(probe_jpeg, 1, 0, 0, 40, 48, out)
+        except (OSError, ValueError):
+            continue
+        if np.array_equal(out.reshape(48, 40, 3), expected):
+            return path
+    return None
+
+
+REGION_LIBRARY = _load_region_library()
+if REGION_LIBRARY is None:
+    _jpeg_region = None
+REGION_DECODE = _jpeg_region is not None
 
 
 class DecodeError(ExpectedError, ValueError):
@@ -150,9 +191,10 @@ def cut_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> torch.Tensor:
 
 
 def decode_box(source: SourceImage, view: View, denominator: int, buffer: PixelBuffer) -> torch.Tensor | None:
-    """The view's box, decoded alone at 1/denominator scale (region decoding), as an (h, w, 3) view of
-    `buffer` (or a black-padded copy where the box reaches outside); None where the extension is missing or
-    refuses the file (the caller then decodes the whole image)."""
+    """The view's box, decoded alone at 1/denominator scale (region decoding), as an (h, w, 3) tensor with
+    packed rows (a view of `buffer`, or a black-padded copy where the
+    box reaches outside); None where the extension is missing or refuses the file (the caller then decodes
+    the whole image)."""
     if _jpeg_region is None or not source.jpeg_fast:
         return None
     width, height = math.ceil(source.width / denominator), math.ceil(source.height / denominator)
@@ -160,12 +202,13 @@ def decode_box(source: SourceImage, view: View, denominator: int, buffer: PixelB
     ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
     if ix0 >= ix1 or iy0 >= iy1:
         return torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8)
-    memory = buffer.at_least(3 * width * (iy1 - iy0))  # the widened columns never exceed the image's width
+    rows, cols = iy1 - iy0, ix1 - ix0
+    memory = buffer.at_least(3 * rows * cols)
     try:
-        left, cols, rows = _jpeg_region.decode_region(source.data, denominator, ix0, iy0, ix1, iy1, memory)
+        _jpeg_region.decode_region(source.data, denominator, ix0, iy0, ix1, iy1, memory)
     except ValueError:
         return None  # e.g. damaged data: the whole-image path has the fallbacks and the error messages
-    inside = torch.from_numpy(memory[:rows * cols * 3].reshape(rows, cols, 3))[:, ix0 - left:ix1 - left]
+    inside = torch.from_numpy(memory[:rows * cols * 3].reshape(rows, cols, 3))
     if (x0, y0, x1, y1) == (ix0, iy0, ix1, iy1):
         return inside
     canvas = torch.zeros((y1 - y0, x1 - x0, 3), dtype=torch.uint8)
@@ -173,15 +216,22 @@ def decode_box(source: SourceImage, view: View, denominator: int, buffer: PixelB
     return canvas
 
 
-def resize_to_chw(region: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """(h, w, 3) -> (3, out_h, out_w). torch's vectorized uint8 antialiased resize reads the channels_last
-    view of the decoded image and writes a contiguous CHW result, so no separate transpose is needed."""
+def resize_into(region: torch.Tensor, out: torch.Tensor) -> None:
+    """(h, w, 3) -> `out` (3, out_h, out_w). torch's vectorized uint8 antialiased resize reads the
+    channels_last view of the pixels; when `out` is channels_last memory too (rtrain's batches are), it
+    writes there directly, ~40 % faster than into planar memory (no repacking of its RGBA working rows)."""
     chw = region.permute(2, 0, 1)
-    if tuple(region.shape[:2]) == tuple(out_size):
-        return chw
-    # F.interpolate(mode="bilinear", antialias=True, align_corners=False) without its Python argument checks,
-    # which cost a tenth of the resize itself (tests/unit/test_decode.py compares the two)
-    return _resize_aa(chw.unsqueeze(0), list(out_size), False, None)[0]
+    if chw.shape == out.shape:
+        out.copy_(chw)
+    else:
+        # F.interpolate(mode="bilinear", antialias=True, align_corners=False) without its Python argument
+        # checks, which cost a tenth of the resize itself (tests/unit/test_decode.py compares the two)
+        _resize_aa(chw.unsqueeze(0), list(out.shape[1:]), False, None, None, out=out.unsqueeze(0))
+
+
+def channels_last_image(out_size: tuple[int, int]) -> torch.Tensor:
+    """An uninitialized (3, h, w) uint8 tensor stored as (h, w, 3)."""
+    return torch.empty((*out_size, 3), dtype=torch.uint8).permute(2, 0, 1)
 
 
 def apply_lighting(image: torch.Tensor, offset: tuple[float, float, float]) -> torch.Tensor:
@@ -189,18 +239,20 @@ def apply_lighting(image: torch.Tensor, offset: tuple[float, float, float]) -> t
     return shifted.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def render(source: SourceImage, view: View, buffer: PixelBuffer | None = None) -> torch.Tensor:
-    """The view of the source as a (3, out_h, out_w) uint8 tensor (never a view of `buffer`)."""
+def render(source: SourceImage, view: View, buffer: PixelBuffer | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The view of the source as a (3, out_h, out_w) uint8 tensor: written into `out` when given (a batch
+    slot), else a new channels_last tensor; never a view of `buffer`."""
     denominator = decode_denominator(view)
     region = decode_box(source, view, denominator, buffer) if buffer is not None else None
     if region is None:
         pixels = decode_scaled(source, denominator, buffer)
         region = cut_box(pixels, _box_in_pixels(view, source, pixels))
-    image = resize_to_chw(region, view.out_size)
-    if view.flip:
-        image = image.flip(2)
+    if out is None:
+        out = channels_last_image(view.out_size)
+    resize_into(region, out)
+    if view.flip:  # after the resize, as torchvision's RandomHorizontalFlip after RandomResizedCrop
+        out.copy_(out.flip(2))
     if view.lighting is not None:
-        image = apply_lighting(image, view.lighting)
-    if buffer is not None and image.untyped_storage().data_ptr() == region.untyped_storage().data_ptr():
-        image = image.clone()  # an unresized view would alias the buffer the next decode reuses
-    return image
+        out.copy_(apply_lighting(out, view.lighting))
+    return out

@@ -8,7 +8,7 @@ image/label keys the manifest names).
 Contract (the engine relies on it):
 - `len(loader)` is the number of batches of the current epoch and is the same on every rank; iterating
   yields the rest of the current epoch (all of it after `set_epoch`, the remainder after `load_state_dict`).
-- batches are (images uint8 N,3,H,W [channels_last memory if configured], labels int64 N); a sample skipped
+- batches are (images uint8 N,3,H,W in channels_last memory, labels int64 N); a sample skipped
   under `on_bad_sample: skip` makes its batch one shorter, it never shifts later batches.
 - `state_dict()` covers exactly the batches handed to the caller (not those prefetched by workers).
 - `stats` counts skipped samples, `skipped_by_shard` the same per shard; both are part of the state.
@@ -179,8 +179,13 @@ class ShardLoader:
             epoch=self.epoch, segment=len(self._state.history), batches_done=self._state.batches_done,
             transform=cfg, classes=dict(self.manifest.classes), keys=self.manifest.keys,
             skip_bad=cfg.on_bad_sample == "skip", verify_sha256=cfg.verify_sha256,
-            channels_last=cfg.channels_last,
         )
+
+
+def _as_produced(item: Any) -> Any:
+    """DataLoader's collate_fn for ready-made batches: the default (default_convert) would turn the labels
+    array back into a tensor in the worker, i.e. into a new shared-memory segment per batch."""
+    return item
 
 
 class EpochIterator:
@@ -201,10 +206,10 @@ class EpochIterator:
         if task.batches_left > 0:
             if cfg.num_workers > 0:  # batches cross a process boundary: reuse their shared memory
                 self._pool = BatchPool(cfg.num_workers, max(task.geometry.rank_sizes[task.rank]),
-                                       cfg.image_size, cfg.channels_last)
+                                       cfg.image_size)
             self._items = iter(DataLoader(
-                RankBatches(task, self._pool), batch_size=None, num_workers=cfg.num_workers,
-                pin_memory=self._pin, persistent_workers=False,
+                RankBatches(task, self._pool), batch_size=None, collate_fn=_as_produced,
+                num_workers=cfg.num_workers, pin_memory=self._pin, persistent_workers=False,
             ))
 
     def __iter__(self) -> EpochIterator:
@@ -220,6 +225,9 @@ class EpochIterator:
             if isinstance(images, PooledBatch):
                 images = self._pool.take(images, self._pin)
             if images is not None:
+                labels = torch.from_numpy(labels)
+                if self._pin:
+                    labels = labels.pin_memory()
                 if self.loader.ledger is not None:
                     self.loader.ledger.record(state.epoch, len(state.history), state.batches_done, ids)
                 state.batches_done += 1

@@ -82,7 +82,6 @@ class EpochTask:
     keys: SampleKeys
     skip_bad: bool
     verify_sha256: bool
-    channels_last: bool
 
     @property
     def batches_left(self) -> int:
@@ -99,14 +98,15 @@ def _batch_memory(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class BatchAssembler:
-    """Fills fixed-size uint8 NCHW batches; bad samples leave the batch one shorter. With a `claim` (a
-    BatchPool's, in a worker) a batch goes into a pooled buffer when one is free."""
+    """Fills fixed-size uint8 (N, 3, H, W) batches stored channels_last (NHWC): the decoder's resize writes
+    each image straight into its slot, and that layout is the one it writes fastest (decode.resize_into). A
+    bad sample leaves the batch one shorter. With a `claim` (a BatchPool's, in a worker) a batch goes into a
+    pooled buffer when one is free."""
 
-    def __init__(self, sizes: list[int], image_size: int, channels_last: bool,
+    def __init__(self, sizes: list[int], image_size: int,
                  claim: Callable[[], tuple[int, torch.Tensor] | None] | None = None):
         self.sizes = list(sizes)
         self.image_size = image_size
-        self.channels_last = channels_last
         self.claim = claim
         self._start_next()
 
@@ -119,18 +119,19 @@ class BatchAssembler:
             self.images = pooled[:size]
         else:
             side = self.image_size
-            shape = (size, side, side, 3) if self.channels_last else (size, 3, side, side)
-            images = _batch_memory(shape)
-            # channels_last: NHWC storage seen as NCHW, torch's channels_last memory format
-            self.images = images.permute(0, 3, 1, 2) if self.channels_last else images
+            self.images = _batch_memory((size, side, side, 3)).permute(0, 3, 1, 2)  # NHWC seen as NCHW
         self.labels: list[int] = []
         self.ids: list[int] = []
         self.slots_used = 0
 
-    def add(self, image: torch.Tensor | None, label: int | None, sample_id: int) -> None:
-        """Place a (3, H, W) image; None marks a skipped sample."""
-        if image is not None:
-            self.images[len(self.labels)].copy_(image)
+    def next_image(self) -> torch.Tensor:
+        """The (3, H, W) slot the next sample's image is written into."""
+        return self.images[len(self.labels)]
+
+    def add(self, label: int | None, sample_id: int) -> None:
+        """Count the image written into `next_image()` as the batch's next; None marks a skipped sample (its
+        slot is written again by the next one)."""
+        if label is not None:
             self.labels.append(label)
             self.ids.append(sample_id)
         self.slots_used += 1
@@ -139,9 +140,11 @@ class BatchAssembler:
     def full(self) -> bool:
         return bool(self.sizes) and self.slots_used >= self.sizes[0]
 
-    def take(self) -> tuple[torch.Tensor | PooledBatch, torch.Tensor, list[int]]:
+    def take(self) -> tuple[torch.Tensor | PooledBatch, np.ndarray, list[int]]:
+        """(images, labels, sample ids). Labels travel as an int64 array: pickled inline, where a tensor would
+        be moved to a new shared-memory segment and its file descriptor passed, batch after batch."""
         images = self.images[: len(self.labels)] if self.slot is None else PooledBatch(self.slot, len(self.labels))
-        labels = torch.tensor(self.labels, dtype=torch.int64)
+        labels = np.array(self.labels, dtype=np.int64)
         ids = self.ids
         self.sizes.pop(0)
         self._start_next()
@@ -201,12 +204,12 @@ class SlotReader:
         tally, self.tally = self.tally, Tally()
         return tally
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int], Tally]]:
+    def batches(self) -> Iterator[tuple[torch.Tensor | PooledBatch, np.ndarray, list[int], Tally]]:
         task = self.task
-        assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, task.channels_last, self.claim)
+        assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, self.claim)
         for sample_id, item in self._samples_in_emission_order():
-            image, label = self._prepare(sample_id, item)
-            assembler.add(image, label, int(sample_id))
+            label = self._prepare(sample_id, item, assembler.next_image())
+            assembler.add(label, int(sample_id))
             if assembler.full:
                 images, labels, ids = assembler.take()
                 yield images, labels, ids, self.take_tally()
@@ -247,17 +250,17 @@ class SlotReader:
             for position in positions:
                 yield position, damage
 
-    def _prepare(self, sample_id: int, item: RawSample | ShardDamage) -> tuple[Any, Any]:
-        """(image, label), or (None, None) for a sample skipped under the `skip` policy."""
+    def _prepare(self, sample_id: int, item: RawSample | ShardDamage, out: torch.Tensor) -> int | None:
+        """The label, with the image written into `out`; None for a sample skipped under the `skip` policy."""
         try:
             if isinstance(item, ShardDamage):
                 raise ShardError(item.message)
-            return self._decode(item)
+            return self._decode(item, out)
         except (ShardError, SampleError) as exc:
             if not self.task.skip_bad:
                 raise type(exc)(f"{exc} (data.on_bad_sample=raise); {check_hint(self.task.source)}") from None
             self._count_skip(sample_id, item, exc)
-            return None, None
+            return None
 
     def _count_skip(self, sample_id: int, item: RawSample | ShardDamage, exc: Exception) -> None:
         counts = self.tally.counts
@@ -274,7 +277,7 @@ class SlotReader:
             counts["bad_samples"] += 1
             log.warning("%s; skipped (data.on_bad_sample=skip)", exc)
 
-    def _decode(self, sample: RawSample) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: RawSample, out: torch.Tensor) -> int:
         task = self.task
         where = f"shard {sample.shard}: sample {sample.key!r}"
         keys = task.keys
@@ -292,6 +295,7 @@ class SlotReader:
             source = probe(sample.fields[keys.image])
             view = make_view(task.transform, task.geometry.layout.train, task.seed, task.epoch, sample.key,
                              source.width, source.height)
-            return render(source, view, self.pixels), label
+            render(source, view, self.pixels, out)
+            return label
         except DecodeError as exc:
             raise SampleError(f"{where}: {keys.image}: {exc}") from exc

@@ -22,9 +22,9 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def kept_batches(root: Path, workers: int, channels_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kept_batches(root: Path, workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches as handed out (the worker count is part of the plan: compare like with like)."""
-    cfg = small_cfg(root, num_workers=workers, channels_last=channels_last)
+    cfg = small_cfg(root, num_workers=workers)
     loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=4, seed=3, train=True)
     loader.set_epoch(1)
     return list(loader)  # no copies: what the caller holds must stay as it was handed out
@@ -34,15 +34,16 @@ def without_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(BatchPool, "claim", lambda self, worker: None)  # every batch a fresh shared one
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_pooled_batches_equal_fresh_ones(root: Path, channels_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    pooled = kept_batches(root, 2, channels_last)
+def test_pooled_batches_equal_fresh_ones(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pooled = kept_batches(root, 2)
     without_pool(monkeypatch)
-    reference = kept_batches(root, 2, channels_last)
+    reference = kept_batches(root, 2)
+    in_process = kept_batches(root, 0)  # no worker processes: neither pool nor shared memory
     assert len(pooled) == len(reference) == 12
     for (a, la), (b, lb) in zip(reference, pooled):
         assert torch.equal(a, b) and torch.equal(la, lb)
-        assert b.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert b.is_contiguous(memory_format=torch.channels_last)
+    assert sorted(i for _, labels in in_process for i in labels.tolist()) == list(range(48))
 
 
 def test_a_busy_buffer_means_a_fresh_batch(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,7 +56,7 @@ def test_a_busy_buffer_means_a_fresh_batch(root: Path, monkeypatch: pytest.Monke
 
 
 def test_claim_take_release_cycle() -> None:
-    pool = BatchPool(workers=2, batch_size=3, image_size=4, channels_last=False, slots_per_worker=2)
+    pool = BatchPool(workers=2, batch_size=3, image_size=4, slots_per_worker=2)
     claims = [pool.claim(1), pool.claim(1)]
     assert [slot for slot, _ in claims] == [2, 3] and pool.claim(1) is None  # both of worker 1's are busy
     slot, images = claims[0]

@@ -146,9 +146,13 @@ def test_reused_buffer_gives_the_same_pixels_and_never_aliases() -> None:
 
 
 def test_resize_matches_torch_interpolate() -> None:
-    from rtrain.data.decode import resize_to_chw
+    from rtrain.data.decode import channels_last_image, resize_into
 
-    region = torch.randint(0, 256, (301, 277, 3), dtype=torch.uint8)
-    expected = torch.nn.functional.interpolate(region.permute(2, 0, 1).unsqueeze(0), size=(224, 200),
-                                               mode="bilinear", antialias=True, align_corners=False)[0]
-    assert torch.equal(resize_to_chw(region, (224, 200)), expected)
+    for region in (torch.randint(0, 256, (301, 277, 3), dtype=torch.uint8),  # packed rows
+                   torch.randint(0, 256, (301, 300, 3), dtype=torch.uint8)[:, 11:288]):  # a cut of wider rows
+        expected = torch.nn.functional.interpolate(region.permute(2, 0, 1).unsqueeze(0), size=(224, 200),
+                                                   mode="bilinear", antialias=True, align_corners=False)[0]
+        for out in (channels_last_image((224, 200)), torch.empty(3, 224, 200, dtype=torch.uint8),
+                    torch.empty(4, 224, 200, 3, dtype=torch.uint8).permute(0, 3, 1, 2)[2]):  # a batch slot
+            resize_into(region, out)
+            assert torch.equal(out, expected)

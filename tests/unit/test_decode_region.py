@@ -4,9 +4,13 @@ edges or reaching outside; files it refuses fall back to the whole-image path.""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -50,10 +54,11 @@ def test_region_pixels_equal_the_whole_decode(subsampling: int, gray: bool) -> N
             x0, y0 = rng.randrange(width), rng.randrange(height)
             boxes.append((x0, y0, rng.randrange(x0 + 1, width + 1), rng.randrange(y0 + 1, height + 1)))
         for x0, y0, x1, y1 in boxes:
-            left, cols, rows = decode._jpeg_region.decode_region(data, denominator, x0, y0, x1, y1, memory)
-            assert left <= x0 and left + cols >= x1 and rows == y1 - y0
+            memory[:] = 7
+            decode._jpeg_region.decode_region(data, denominator, x0, y0, x1, y1, memory)
+            rows, cols = y1 - y0, x1 - x0
             region = memory[:rows * cols * 3].reshape(rows, cols, 3)
-            np.testing.assert_array_equal(region, full[y0:y1, left:left + cols])
+            np.testing.assert_array_equal(region, full[y0:y1, x0:x1])
 
 
 def test_render_is_identical_with_and_without_region_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,6 +79,22 @@ def test_render_is_identical_with_and_without_region_decoding(monkeypatch: pytes
         assert torch.equal(a, b)
 
 
+def test_render_into_a_batch_slot_equals_render_alone() -> None:
+    rng = random.Random(3)
+    data = photo_jpeg(9, 500, 375, cell=16, noise=4)
+    source = probe(data)
+    batches = (torch.zeros(6, 224, 224, 3, dtype=torch.uint8).permute(0, 3, 1, 2),  # rtrain's channels_last
+               torch.zeros(6, 3, 224, 224, dtype=torch.uint8))
+    for slot in range(6):
+        view = View(rrc_box(rng, 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)), (224, 224), flip=slot % 2 == 0,
+                    lighting=(5.0, -3.0, 1.5) if slot == 4 else None)
+        alone = render(source, view, PixelBuffer())
+        for batch in batches:
+            render(source, view, PixelBuffer(), out=batch[slot])
+            assert torch.equal(batch[slot], alone)
+    assert torch.equal(batches[0], batches[1])
+
+
 def test_rendered_image_never_aliases_the_reused_buffer() -> None:
     data = photo_jpeg(1, 64, 48)
     buffer = PixelBuffer()
@@ -91,11 +112,32 @@ def test_refused_files_fall_back_to_the_whole_image_path() -> None:
     for data, box in ((cmyk.getvalue(), (0, 0, 80, 60)), (truncated, (0, 0, 200, 150))):
         with pytest.raises(ValueError):
             decode._jpeg_region.decode_region(data, 1, *box, memory)
-    left, cols, rows = decode._jpeg_region.decode_region(truncated, 1, 0, 0, 200, 20, memory)  # its intact top
-    assert rows == 20
+    decode._jpeg_region.decode_region(truncated, 1, 0, 0, 200, 20, memory)  # its intact top
     image = render(probe(cmyk.getvalue()), View((0, 0, 80, 60), (30, 40)), PixelBuffer())
     assert image.shape == (3, 30, 40) and image.float().mean() > 10
     with pytest.raises(ValueError, match="outside"):
         decode._jpeg_region.decode_region(photo_jpeg(5, 40, 30), 1, 0, 0, 41, 30, memory)
     with pytest.raises(ValueError, match="too small"):
         decode._jpeg_region.decode_region(photo_jpeg(5, 40, 30), 1, 0, 0, 40, 30, np.empty(10, np.uint8))
+
+
+def loaded_library(**env: str) -> str:
+    code = "from rtrain.data import decode; print(decode.REGION_LIBRARY, decode.REGION_DECODE)"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_the_library_is_chosen_and_checked_at_import() -> None:
+    candidates = decode.libjpeg_candidates()
+    assert candidates[-1] == "libjpeg.so.62"  # the system's last
+    bundled = [path for path in candidates if "pillow.libs" in path.lower()]
+    if bundled:  # Pillow's wheel: its libjpeg-turbo 3.x first
+        assert decode.REGION_LIBRARY == bundled[0]
+    assert loaded_library(RTRAIN_LIBJPEG=decode.REGION_LIBRARY) == f"{decode.REGION_LIBRARY} True"
+    assert loaded_library(RTRAIN_LIBJPEG="/no/such/libjpeg.so") == "None False"  # forced and missing: off
+    assert loaded_library(RTRAIN_LIBJPEG="libc.so.6") == "None False"  # opens, has no jpeg_* functions
+    try:
+        ctypes.CDLL("libjpeg.so.62")
+    except OSError:
+        return
+    assert loaded_library(RTRAIN_LIBJPEG="libjpeg.so.62") == "libjpeg.so.62 True"

@@ -81,8 +81,14 @@ def test_batch_format(ids_root: Path, channels_last: bool) -> None:
     images, labels = next(iter(loader))
     assert images.shape == (5, 3, 16, 16) and images.dtype == torch.uint8
     assert labels.shape == (5,) and labels.dtype == torch.int64
+    assert images.is_contiguous(memory_format=torch.channels_last)  # either way: the normalizer converts
+    from rtrain.engine.step import Normalizer
+
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert images.is_contiguous(memory_format=fmt)
+    normalized = Normalizer(cfg.mean, cfg.std, torch.device("cpu"), channels_last)(images)
+    assert normalized.is_contiguous(memory_format=fmt) and normalized.dtype == torch.float32
+    assert torch.allclose(normalized, (images.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1))
+                          / torch.tensor(cfg.std).view(1, 3, 1, 1), atol=1e-5)
     assert loader.classes["c00003"] == 3
     assert loader.stats == {"skipped_samples": 0, "bad_samples": 0, "skipped_shards": 0}
 
