@@ -8,11 +8,12 @@ other M/8 factors measured no faster (7/8 and 5/8 slower) than a full decode. En
 no scale factor avoids, is most of the cost of an ImageNet-sized file, so scaling pays off on large images.
 Region decoding: where the small C extension `rtrain.data._jpeg_region` was built (`pip install` skips it when
 libjpeg's headers are missing) and a libjpeg-turbo shared library loads (Pillow's bundled 3.x first, then the
-system's; see libjpeg_candidates), only the view's box is decoded: rows
-above the box are entropy-decoded but not transformed (jpeg_skip_scanlines), columns beside it are neither
-inverse-transformed nor colour-converted (jpeg_crop_scanline), and decoding stops below the box. Its pixels
-are bit-identical to the whole-image decode's (tests/unit/test_decode_region.py); without the extension the
-whole (scaled) image is decoded through simplejpeg, as Pillow and simplejpeg expose no region decoding.
+system's; see libjpeg_candidates), only the view's box is decoded: rows above the box are entropy-decoded but
+not transformed (jpeg_skip_scanlines), columns beside it are neither inverse-transformed nor colour-converted
+(jpeg_crop_scanline), and decoding stops below the box. Its pixels are bit-identical to the whole-image
+decode's (tests/unit/test_decode_region.py); without the extension the whole (scaled) image is decoded through
+simplejpeg, as Pillow and simplejpeg expose no region decoding. The resize writes into the caller's `out`
+(a batch slot); flipping and relighting happen there too.
 
 Fallback (PNG bytes, CMYK/YCCK JPEG, anything simplejpeg refuses): Pillow with `draft` (the same reduced-scale
 decoding for JPEG) and a conversion to RGB. The cut-and-resize is torch's uint8 antialiased bilinear resize
@@ -192,9 +193,8 @@ def cut_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> torch.Tensor:
 
 def decode_box(source: SourceImage, view: View, denominator: int, buffer: PixelBuffer) -> torch.Tensor | None:
     """The view's box, decoded alone at 1/denominator scale (region decoding), as an (h, w, 3) tensor with
-    packed rows (a view of `buffer`, or a black-padded copy where the
-    box reaches outside); None where the extension is missing or refuses the file (the caller then decodes
-    the whole image)."""
+    packed rows (a view of `buffer`, or a black-padded copy where the box reaches outside); None where the
+    extension is missing or refuses the file (the caller then decodes the whole image)."""
     if _jpeg_region is None or not source.jpeg_fast:
         return None
     width, height = math.ceil(source.width / denominator), math.ceil(source.height / denominator)
