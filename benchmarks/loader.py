@@ -261,7 +261,7 @@ def main() -> None:
             runs.update({f"rtrain max-side {side}": [] for side in sides})
             first = workers == worker_counts[0]
             for round_index in range(args.rounds):
-                if first:  # a decode-limit pass right before each rtrain run (and one after the last)
+                if first:  # decode-limit passes right before and right after each rtrain run
                     limits.append(decode_limit(payloads))
                 runs["rtrain"].append(run_rtrain(shard_root, workers, args.batch, round_index))
                 if first:

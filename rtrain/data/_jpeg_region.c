@@ -50,7 +50,7 @@ static void on_message(j_common_ptr cinfo, int level) {
 
 
 /* The functions taken from the loaded library. */
-static struct {
+typedef struct {
     void *handle;
     struct jpeg_error_mgr *(*std_error)(struct jpeg_error_mgr *);
     void (*create_decompress)(j_decompress_ptr, int, size_t);
@@ -61,7 +61,11 @@ static struct {
     void (*crop_scanline)(j_decompress_ptr, JDIMENSION *, JDIMENSION *);
     JDIMENSION (*skip_scanlines)(j_decompress_ptr, JDIMENSION);
     JDIMENSION (*read_scanlines)(j_decompress_ptr, JSAMPARRAY, JDIMENSION);
-} lib;
+} Library;
+
+/* Set by load() while holding the GIL; a decode copies it first (under the GIL), and a replaced library is
+ * never closed, so a decode running without the GIL keeps valid functions. */
+static Library lib;
 
 static PyObject *load(PyObject *self, PyObject *args) {
     const char *path;
@@ -83,8 +87,7 @@ static PyObject *load(PyObject *self, PyObject *args) {
             return NULL;
         }
     }
-    void *previous = lib.handle;
-    lib.handle = handle;
+    lib.handle = handle; /* a previously loaded library stays open (see `lib`) */
     lib.std_error = (struct jpeg_error_mgr * (*)(struct jpeg_error_mgr *)) found[0];
     lib.create_decompress = (void (*)(j_decompress_ptr, int, size_t))found[1];
     lib.destroy_decompress = (void (*)(j_decompress_ptr))found[2];
@@ -94,7 +97,6 @@ static PyObject *load(PyObject *self, PyObject *args) {
     lib.crop_scanline = (void (*)(j_decompress_ptr, JDIMENSION *, JDIMENSION *))found[6];
     lib.skip_scanlines = (JDIMENSION(*)(j_decompress_ptr, JDIMENSION))found[7];
     lib.read_scanlines = (JDIMENSION(*)(j_decompress_ptr, JSAMPARRAY, JDIMENSION))found[8];
-    if (previous) dlclose(previous);
     Py_RETURN_NONE;
 }
 
@@ -103,7 +105,8 @@ static PyObject *load(PyObject *self, PyObject *args) {
 static PyObject *decode_region(PyObject *self, PyObject *args) {
     Py_buffer data, out;
     int denominator, x0, y0, x1, y1;
-    if (!lib.handle) {
+    const Library f = lib; /* under the GIL: see `lib` */
+    if (!f.handle) {
         PyErr_SetString(PyExc_RuntimeError, "no libjpeg loaded (call load first)");
         return NULL;
     }
@@ -113,7 +116,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     ErrorManager err;
     memset(&cinfo, 0, sizeof(cinfo));
     memset(&err, 0, sizeof(err));
-    cinfo.err = lib.std_error(&err.base);
+    cinfo.err = f.std_error(&err.base);
     err.base.error_exit = on_error;
     err.base.emit_message = on_message;
     const char *volatile problem = NULL;
@@ -123,9 +126,9 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     if (setjmp(err.escape)) {
         problem = err.message;
     } else {
-        lib.create_decompress(&cinfo, JPEG_LIB_VERSION, sizeof(cinfo));
-        lib.mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
-        lib.read_header(&cinfo, TRUE);
+        f.create_decompress(&cinfo, JPEG_LIB_VERSION, sizeof(cinfo));
+        f.mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
+        f.read_header(&cinfo, TRUE);
         if (cinfo.jpeg_color_space != JCS_YCbCr && cinfo.jpeg_color_space != JCS_GRAYSCALE) {
             problem = "not a YCbCr or grayscale JPEG";
         } else if (denominator != 1 && denominator != 2 && denominator != 4 && denominator != 8) {
@@ -136,15 +139,19 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
             cinfo.scale_denom = (unsigned int)denominator;
             cinfo.dct_method = JDCT_IFAST;
             cinfo.do_fancy_upsampling = FALSE;
-            lib.start_decompress(&cinfo);
-            if (x0 < 0 || y0 < 0 || x1 > (int)cinfo.output_width || y1 > (int)cinfo.output_height || x0 >= x1 ||
+            f.start_decompress(&cinfo);
+            JDIMENSION scaled_w = (cinfo.image_width + (JDIMENSION)denominator - 1) / (JDIMENSION)denominator;
+            JDIMENSION scaled_h = (cinfo.image_height + (JDIMENSION)denominator - 1) / (JDIMENSION)denominator;
+            if (cinfo.output_width != scaled_w || cinfo.output_height != scaled_h) {
+                problem = "libjpeg scaled to another size than ceil(size / denominator)";
+            } else if (x0 < 0 || y0 < 0 || x1 > (int)cinfo.output_width || y1 > (int)cinfo.output_height || x0 >= x1 ||
                 y0 >= y1) {
                 problem = "region outside the scaled image";
             } else if ((Py_ssize_t)(y1 - y0) * (x1 - x0) * 3 > out.len) {
                 problem = "output buffer too small";
             } else {
                 JDIMENSION left = (JDIMENSION)x0, width = (JDIMENSION)(x1 - x0);
-                if (width < cinfo.output_width) lib.crop_scanline(&cinfo, &left, &width);
+                if (width < cinfo.output_width) f.crop_scanline(&cinfo, &left, &width);
                 JDIMENSION stride = width * 3;
                 scratch = (unsigned char *)malloc((size_t)stride * ROWS_PER_READ);
                 if (!scratch) {
@@ -152,12 +159,13 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
                 } else {
                     JSAMPROW pointers[ROWS_PER_READ];
                     for (int i = 0; i < ROWS_PER_READ; i++) pointers[i] = scratch + (size_t)i * stride;
-                    if (y0 > 0) lib.skip_scanlines(&cinfo, (JDIMENSION)y0);
+                    if (y0 > 0) f.skip_scanlines(&cinfo, (JDIMENSION)y0);
+                    if (cinfo.output_scanline != (JDIMENSION)y0) problem = "could not skip to the region";
                     /* several rows per call: libjpeg then writes whole row groups in place (a one-row read of
                      * 4:2:0 data through the merged upsampler goes through a spare row and a copy) */
-                    while ((int)cinfo.output_scanline < y1) {
+                    while (!problem && (int)cinfo.output_scanline < y1) {
                         int done = (int)cinfo.output_scanline - y0, want = y1 - (int)cinfo.output_scanline;
-                        int got = (int)lib.read_scanlines(&cinfo, pointers,
+                        int got = (int)f.read_scanlines(&cinfo, pointers,
                                                           (JDIMENSION)(want < ROWS_PER_READ ? want : ROWS_PER_READ));
                         if (got == 0) {
                             problem = "premature end of data";
@@ -173,7 +181,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
             }
         }
     }
-    lib.destroy_decompress(&cinfo);
+    f.destroy_decompress(&cinfo);
     free(scratch);
     Py_END_ALLOW_THREADS
 
@@ -195,4 +203,12 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpeg_region", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__jpeg_region(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__jpeg_region(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* the libjpeg ABI these headers describe (62: libjpeg.so.62, 80: libjpeg.so.8); load() needs a library of it */
+    if (m && PyModule_AddIntConstant(m, "JPEG_LIB_VERSION", JPEG_LIB_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

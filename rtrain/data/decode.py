@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ try:  # optional: built by `pip install` where libjpeg's headers exist (see setu
 except ImportError:  # pragma: no cover - depends on the build machine
     _jpeg_region = None
 _resize_aa = torch._C._nn._upsample_bilinear2d_aa
+log = logging.getLogger("rtrain.data")
 
 # libjpeg-turbo scale denominators with SIMD inverse DCTs (see the module docstring).
 FAST_DENOMINATORS = (8, 4, 2, 1)
@@ -54,35 +56,62 @@ _FAST_COLORSPACES = ("YCbCr", "Gray")
 
 
 def libjpeg_candidates() -> list[str]:
-    """libjpeg-turbo shared libraries (libjpeg 6.2 ABI) for region decoding, best first: $RTRAIN_LIBJPEG, the
-    one bundled with Pillow's wheel (libjpeg-turbo 3.x, as simplejpeg's), the system's libjpeg.so.62."""
+    """libjpeg-turbo shared libraries for region decoding, best first: $RTRAIN_LIBJPEG alone if set, else the
+    one bundled with Pillow's wheel (libjpeg-turbo 3.x, as simplejpeg's) and the system's. Only libraries of
+    the ABI the extension was compiled for can load (jpeglib.h's JPEG_LIB_VERSION: 62 on Debian, 80 where
+    libjpeg-turbo8-dev provided the headers); Pillow bundles a 62 one."""
     import PIL
 
-    bundled = []
-    for folder in ("pillow.libs", "Pillow.libs"):
-        bundled += sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(PIL.__file__)), folder,
-                                                 "libjpeg*.so*")))
     forced = os.environ.get("RTRAIN_LIBJPEG")
-    return [forced] if forced else [*bundled, "libjpeg.so.62"]
+    if forced:
+        return [forced]
+    version = getattr(_jpeg_region, "JPEG_LIB_VERSION", 62)
+    system = "libjpeg.so.62" if version == 62 else f"libjpeg.so.{version // 10}"
+    bundled = []
+    if version == 62:
+        for folder in ("pillow.libs", "Pillow.libs"):
+            bundled += sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(PIL.__file__)), folder,
+                                                     "libjpeg*.so*")))
+    return [*bundled, system]
+
+
+def _self_test_passes() -> bool:
+    """The loaded library decodes regions of a 4:2:0 test image at full and half scale exactly as simplejpeg
+    decodes the whole (an odd first row and a cropped left edge: the skip and crop paths, where old
+    libjpeg-turbo releases had bugs)."""
+    pixels = np.arange(48 * 40 * 3, dtype=np.uint8).reshape(48, 40, 3)
+    probe_jpeg = simplejpeg.encode_jpeg(pixels, quality=90, colorsubsampling="420")
+    out = np.empty(48 * 40 * 3, dtype=np.uint8)
+    for denominator, (x0, y0, x1, y1) in ((1, (0, 0, 40, 48)), (1, (9, 17, 31, 41)), (2, (3, 5, 17, 23))):
+        whole = simplejpeg.decode_jpeg(probe_jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
+                                       min_height=48 // denominator, min_width=40 // denominator)
+        try:
+            _jpeg_region.decode_region(probe_jpeg, denominator, x0, y0, x1, y1, out)
+        except ValueError:
+            return False
+        region = out[:(y1 - y0) * (x1 - x0) * 3].reshape(y1 - y0, x1 - x0, 3)
+        if not np.array_equal(region, whole[y0:y1, x0:x1]):
+            return False
+    return True
 
 
 def _load_region_library() -> str | None:
-    """Load the first candidate that opens and decodes a test image exactly as simplejpeg does; its path, or
-    None (region decoding off: whole images are decoded)."""
+    """Load the first candidate that opens and passes the self-test; its path, or None (region decoding off:
+    whole images are decoded, which a warning says when the extension itself was built)."""
     if _jpeg_region is None:
         return None
-    pixels = np.arange(48 * 40 * 3, dtype=np.uint8).reshape(48, 40, 3)
-    probe_jpeg = simplejpeg.encode_jpeg(pixels, quality=90, colorsubsampling="420")
-    expected = simplejpeg.decode_jpeg(probe_jpeg, colorspace="RGB", fastdct=True, fastupsample=True)
-    out = np.empty(48 * 40 * 3, dtype=np.uint8)
+    tried = []
     for path in libjpeg_candidates():
         try:
             _jpeg_region.load(path)
-            _jpeg_region.decode_region(probe_jpeg, 1, 0, 0, 40, 48, out)
-        except (OSError, ValueError):
+        except OSError as exc:
+            tried.append(f"{path}: {exc}")
             continue
-        if np.array_equal(out.reshape(48, 40, 3), expected):
+        if _self_test_passes():
             return path
+        tried.append(f"{path}: decodes differently from simplejpeg or fails the test image")
+    log.warning("region JPEG decoding off, whole images are decoded (slower): no usable libjpeg-turbo (%s)",
+                "; ".join(tried))
     return None
 
 
@@ -250,6 +279,9 @@ def render(source: SourceImage, view: View, buffer: PixelBuffer | None = None,
         region = cut_box(pixels, _box_in_pixels(view, source, pixels))
     if out is None:
         out = channels_last_image(view.out_size)
+    elif tuple(out.shape) != (3, *view.out_size):
+        raise ValueError(f"render: out is {tuple(out.shape)}, the view makes (3, {view.out_size[0]}, "
+                         f"{view.out_size[1]})")
     resize_into(region, out)
     if view.flip:  # after the resize, as torchvision's RandomHorizontalFlip after RandomResizedCrop
         out.copy_(out.flip(2))

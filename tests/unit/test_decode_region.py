@@ -27,10 +27,12 @@ pytestmark = pytest.mark.skipif(not decode.REGION_DECODE,
                                 reason="rtrain.data._jpeg_region was not built (no libjpeg headers)")
 
 
-def encoded(seed: int, width: int, height: int, subsampling: int, gray: bool = False) -> bytes:
+def encoded(seed: int, width: int, height: int, subsampling: int, gray: bool = False,
+            progressive: bool = False) -> bytes:
     image = Image.fromarray(photo_pixels(seed, width, height, 16, 6))
     out = io.BytesIO()
-    (image.convert("L") if gray else image).save(out, "JPEG", quality=92, subsampling=subsampling)
+    (image.convert("L") if gray else image).save(out, "JPEG", quality=92, subsampling=subsampling,
+                                                 progressive=progressive)
     return out.getvalue()
 
 
@@ -42,8 +44,9 @@ def whole(data: bytes, denominator: int) -> np.ndarray:
 
 @pytest.mark.parametrize("subsampling", [0, 1, 2])  # Pillow: 4:4:4, 4:2:2, 4:2:0
 @pytest.mark.parametrize("gray", [False, True])
-def test_region_pixels_equal_the_whole_decode(subsampling: int, gray: bool) -> None:
-    data = encoded(subsampling, 333, 251, subsampling, gray)
+@pytest.mark.parametrize("progressive", [False, True])
+def test_region_pixels_equal_the_whole_decode(subsampling: int, gray: bool, progressive: bool) -> None:
+    data = encoded(subsampling, 333, 251, subsampling, gray, progressive)
     memory = np.empty(333 * 251 * 3, np.uint8)
     rng = random.Random(subsampling)
     for denominator in (1, 2, 4, 8):
@@ -59,6 +62,7 @@ def test_region_pixels_equal_the_whole_decode(subsampling: int, gray: bool) -> N
             rows, cols = y1 - y0, x1 - x0
             region = memory[:rows * cols * 3].reshape(rows, cols, 3)
             np.testing.assert_array_equal(region, full[y0:y1, x0:x1])
+            assert (memory[rows * cols * 3:] == 7).all()  # nothing written past the packed region
 
 
 def test_render_is_identical_with_and_without_region_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,6 +140,7 @@ def test_the_library_is_chosen_and_checked_at_import() -> None:
     assert loaded_library(RTRAIN_LIBJPEG=decode.REGION_LIBRARY) == f"{decode.REGION_LIBRARY} True"
     assert loaded_library(RTRAIN_LIBJPEG="/no/such/libjpeg.so") == "None False"  # forced and missing: off
     assert loaded_library(RTRAIN_LIBJPEG="libc.so.6") == "None False"  # opens, has no jpeg_* functions
+    assert decode._jpeg_region.JPEG_LIB_VERSION in (62, 80)  # the ABI of the headers it was built with
     try:
         ctypes.CDLL("libjpeg.so.62")
     except OSError:
