@@ -57,9 +57,24 @@ def processes() -> list[tuple[int, int, str]]:
     return rows
 
 
-def train_worker_pids() -> list[int]:
-    """Ray Train's worker actors (their DataLoader workers carry the same title, with an actor as parent)."""
-    rows = [(pid, ppid) for pid, ppid, args in processes() if args.startswith("ray::RayTrainWorker")]
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (children, their children, ...)."""
+    rows = processes()
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid, _ in rows if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def train_worker_pids(root: int) -> list[int]:
+    """Ray Train's worker actors of the run launched as process `root` (the Ray it starts is below it). Their
+    DataLoader workers carry the same title, with an actor as parent. Not "the newest such process": PIDs
+    wrap at 32768 here, and an earlier run's worker may still be exiting."""
+    mine = set(descendants(root))
+    rows = [(pid, ppid) for pid, ppid, args in processes() if args.startswith("ray::RayTrainWorker") and pid in mine]
     actors = {pid for pid, _ in rows}
     return sorted(pid for pid, ppid in rows if ppid not in actors)
 

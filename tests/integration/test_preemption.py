@@ -15,6 +15,7 @@ import torch
 from ray_runs import (
     REPO,
     checkpoint_steps,
+    descendants,
     final_weights,
     launch_command,
     mlflow_runs,
@@ -47,17 +48,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def _descendants(root: int) -> list[int]:
-    rows = processes()
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid, _ in rows if ppid == parent]
-        found += children
-        frontier += children
-    return found
-
-
 def _start_and_signal(cmd, out, name: str, signum: int, *, group: bool = False):
     """Start the run, send `signum` once its first checkpoint exists; return (result, pids before the signal)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -65,7 +55,7 @@ def _start_and_signal(cmd, out, name: str, signum: int, *, group: bool = False):
     try:
         wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        pids = _descendants(proc.pid)
+        pids = descendants(proc.pid)
         (os.killpg if group else os.kill)(proc.pid, signum)  # a terminal's Ctrl-C reaches the whole group
         stdout, stderr = proc.communicate(timeout=300)
     except BaseException:
@@ -121,7 +111,7 @@ def test_a_sigkilled_launcher_takes_its_processes_with_it(digits_shards, tmp_pat
                             start_new_session=True)
     try:
         wait_for(lambda: checkpoint_steps(tmp_path, "orphans"), 600, "the first checkpoint")
-        pids = _descendants(proc.pid)
+        pids = descendants(proc.pid)
         assert len(pids) >= 4  # 2 ranks and their loader workers
         if launcher == "ray":
             titles = {args for pid, _, args in processes() if pid in pids}

@@ -50,7 +50,7 @@ def _run_and_kill_a_worker(shards, out, name: str, *extra: str) -> tuple[subproc
         wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
         assert proc.poll() is None, "the run ended before a worker could be killed"
         killed_after = max(checkpoint_steps(out, name))
-        victim = wait_for(lambda: train_worker_pids()[-1:], 60, "a Ray Train worker process")[0]
+        victim = wait_for(lambda: train_worker_pids(proc.pid)[-1:], 60, "a Ray Train worker process of this run")[0]
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=900)
     except BaseException:
