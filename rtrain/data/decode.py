@@ -75,22 +75,29 @@ def libjpeg_candidates() -> list[str]:
     return [*bundled, system]
 
 
-def _self_test_passes() -> bool:
-    """The loaded library decodes regions of a 4:2:0 test image at full and half scale exactly as simplejpeg
-    decodes the whole (an odd first row and a cropped left edge: the skip and crop paths, where old
+def _self_test_cases() -> tuple[bytes, list[tuple[int, tuple[int, int, int, int], np.ndarray]]]:
+    """A 4:2:0 test JPEG and (denominator, region, simplejpeg's pixels of it): the whole image, and regions with
+    an odd first row and a cropped left edge at full and half scale (the skip and crop paths, where old
     libjpeg-turbo releases had bugs)."""
     pixels = np.arange(48 * 40 * 3, dtype=np.uint8).reshape(48, 40, 3)
     probe_jpeg = simplejpeg.encode_jpeg(pixels, quality=90, colorsubsampling="420")
-    out = np.empty(48 * 40 * 3, dtype=np.uint8)
+    cases = []
     for denominator, (x0, y0, x1, y1) in ((1, (0, 0, 40, 48)), (1, (9, 17, 31, 41)), (2, (3, 5, 17, 23))):
         whole = simplejpeg.decode_jpeg(probe_jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
                                        min_height=48 // denominator, min_width=40 // denominator)
+        cases.append((denominator, (x0, y0, x1, y1), whole[y0:y1, x0:x1]))
+    return probe_jpeg, cases
+
+
+def _self_test_passes(probe_jpeg: bytes, cases: list[tuple[int, tuple[int, int, int, int], np.ndarray]]) -> bool:
+    """The loaded library decodes every case's region exactly as simplejpeg does."""
+    out = np.empty(48 * 40 * 3, dtype=np.uint8)
+    for denominator, box, expected in cases:
         try:
-            _jpeg_region.decode_region(probe_jpeg, denominator, x0, y0, x1, y1, out)
+            _jpeg_region.decode_region(probe_jpeg, denominator, *box, out)
         except ValueError:
             return False
-        region = out[:(y1 - y0) * (x1 - x0) * 3].reshape(y1 - y0, x1 - x0, 3)
-        if not np.array_equal(region, whole[y0:y1, x0:x1]):
+        if not np.array_equal(out[:expected.size].reshape(expected.shape), expected):
             return False
     return True
 
@@ -100,14 +107,14 @@ def _load_region_library() -> str | None:
     whole images are decoded, which a warning says when the extension itself was built)."""
     if _jpeg_region is None:
         return None
-    tried = []
+    tried, (probe_jpeg, cases) = [], _self_test_cases()
     for path in libjpeg_candidates():
         try:
             _jpeg_region.load(path)
         except OSError as exc:
             tried.append(f"{path}: {exc}")
             continue
-        if _self_test_passes():
+        if _self_test_passes(probe_jpeg, cases):
             return path
         tried.append(f"{path}: decodes differently from simplejpeg or fails the test image")
     log.warning("region JPEG decoding off, whole images are decoded (slower): no usable libjpeg-turbo (%s)",
