@@ -219,12 +219,6 @@ def run_rtrain(shard_root: Path, workers: int, batch: int, epoch: int, region: b
     return count / seconds
 
 
-def region_state() -> str:
-    if not decode.REGION_DECODE:
-        return "off (extension not built or no libjpeg-turbo loaded)"
-    return f"on ({Path(decode.REGION_LIBRARY).name})"
-
-
 def load_average() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
@@ -252,7 +246,7 @@ def main() -> None:
         sides = {int(side): max_side_shards(items, int(side), Path(tmp)) for side in args.max_side.split(",") if side}
         sizes = [Path(p).stat().st_size for p, _ in items]
         print(f"images: {len(items)}, mean {np.mean(sizes) / 1e3:.0f} KB; batch {args.batch}; "
-              f"region decoding {region_state()}; "
+              f"{decode.region_decoding_state()}; "
               f"load {load_average()}")
         payloads = [Path(p).read_bytes() for p, _ in items]
         limits, limit_ratios, classic_ratios = [], [], []

@@ -14,7 +14,6 @@ machine they compete), so the slower of the two is an upper bound on what a rank
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -142,22 +141,16 @@ def bench(recipe: Recipe, loader_batches: int, steps: int, warmup: int) -> Bench
     return BenchResult(loader_rate, recipe.data.num_workers, model_rate, device)
 
 
-def _decoding() -> str:
+def report(recipe: Recipe, result: BenchResult) -> str:
     from rtrain.data import decode
 
-    if decode.REGION_LIBRARY is None:
-        return "region decoding off (extension not built or no libjpeg-turbo loaded): whole-image decodes"
-    return f"region decoding with {os.path.basename(decode.REGION_LIBRARY)}"
-
-
-def report(recipe: Recipe, result: BenchResult) -> str:
     workers = result.loader_workers
     return "\n".join([
         f"recipe: model {recipe.model.name}, {recipe.per_worker_batch} images per rank and step, "
         f"image size {recipe.data.image_size}, precision {recipe.precision.dtype}, "
         f"channels_last {recipe.data.channels_last}",
         f"loader: {result.loader_images_per_s:9.1f} img/s with {workers} worker process(es) "
-        f"({result.loader_per_worker:.1f} img/s per worker); {_decoding()}",
+        f"({result.loader_per_worker:.1f} img/s per worker); {decode.region_decoding_state()}",
         f"model:  {result.model_images_per_s:9.1f} img/s training step on {result.device}",
         result.verdict(),
     ])

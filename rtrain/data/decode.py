@@ -128,6 +128,13 @@ if REGION_LIBRARY is None:
 REGION_DECODE = _jpeg_region is not None
 
 
+def region_decoding_state() -> str:
+    """One phrase for reports (rtrain bench, benchmarks/loader.py): which libjpeg-turbo decodes regions."""
+    if REGION_LIBRARY is None:
+        return "region decoding off (extension not built or no libjpeg-turbo loaded): whole-image decodes"
+    return f"region decoding with {os.path.basename(REGION_LIBRARY)}"
+
+
 class DecodeError(ExpectedError, ValueError):
     """The bytes of a sample are not a decodable image."""
 
