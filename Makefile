@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml constraints.txt setup.py rtrain/data/_jpeg_region.c
 	    echo "no libjpeg headers: rtrain.data._jpeg_region not built, whole-image decoding" >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU wheel on this machine's find-links; a bare torch would pull CUDA builds.
+	# torch first, pinned by version only (constraints.txt: torch==2.13.0): pip takes the build its own indexes
+	# offer. Where pip's configuration adds a folder or index holding PyTorch's CPU wheel, that one wins
+	# (2.13.0+cpu sorts above 2.13.0); elsewhere PyPI's default build (CUDA on Linux x86_64). To choose a build
+	# on your machine, point pip at PyTorch's CPU or CUDA wheel index before `make`: PIP_EXTRA_INDEX_URL=<that
+	# index> make install (its address is on PyTorch's "get started" page). A bare torch could pull 2.14.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test,deepspeed]'
 	touch $@

@@ -28,9 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rtrain.config import PrecisionConfig
-from rtrain.dist.backend import DDPBackend
-from rtrain.dist.syncbn import convert_sync_batchnorm
-from rtrain.dist.scaler import build_scaler
+from rtrain.distributed.backend import DDPBackend
+from rtrain.distributed.syncbn import convert_sync_batchnorm
+from rtrain.distributed.scaler import build_scaler
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.models import build
 from rtrain.optim import build_optimizer

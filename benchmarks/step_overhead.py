@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from rtrain.config import PrecisionConfig
-from rtrain.dist.backend import DDPBackend
-from rtrain.dist.scaler import build_scaler
+from rtrain.distributed.backend import DDPBackend
+from rtrain.distributed.scaler import build_scaler
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.models import build
 from rtrain.optim.schedule import LRSchedule

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from rtrain.dist.agree import StepAgreement
+from rtrain.distributed.agree import StepAgreement
 from rtrain.launch.signals import RankStopWatch
 from rtrain.models import build
 

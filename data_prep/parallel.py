@@ -15,7 +15,7 @@ from typing import ContextManager
 from tqdm import tqdm
 
 from data_prep.shards import ShardJob, ShardResult, ensure_shard
-from rtrain.dist import ray_cluster
+from rtrain.distributed import ray_cluster
 
 
 class ShardWriteError(RuntimeError):

@@ -2,7 +2,7 @@
 
 Two places turn training state into something such a load reads back: checkpoint snapshots
 (rtrain.checkpoint.snapshot, which refuses anything else) and DeepSpeed's optimizer states
-(rtrain.dist.deepspeed_backend, which converts what it can). Both rebuild the tree container by
+(rtrain.distributed.deepspeed_backend, which converts what it can). Both rebuild the tree container by
 container with StateWalk and decide about every other value in their own `leaf`. Imports torch only,
 so every layer of rtrain may use it.
 """

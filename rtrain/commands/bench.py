@@ -96,8 +96,8 @@ def measure_loader(recipe: Recipe, batches: int) -> tuple[float, tuple[torch.Ten
 def measure_model(recipe: Recipe, batch: tuple[torch.Tensor, torch.Tensor], num_classes: int, steps: int,
                   warmup: int) -> tuple[float, str]:
     """(images/s of the recipe's training step on this device, the device's name)."""
-    from rtrain.dist.env import DistEnv, init_distributed
-    from rtrain.dist.factory import backend_from_config, place_model
+    from rtrain.distributed.env import DistEnv, init_distributed
+    from rtrain.distributed.factory import backend_from_config, place_model
     from rtrain.engine.step import Normalizer, TrainStep
     from rtrain.models import model_from_config
     from rtrain.optim import optimizer_from_config

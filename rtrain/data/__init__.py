@@ -39,6 +39,16 @@ def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size
                        train=train, ledger=ledger)
 
 
+def steps_per_epoch(loader: Any, cfg: Any, global_batch: int) -> int:
+    """A training loader's steps per epoch (every rank runs as many); an error naming the data when the split
+    holds less than one global batch."""
+    steps = len(loader)
+    if steps == 0:
+        raise ValueError(f"data.source={cfg.source}: fewer training samples than one global batch "
+                         f"(train.global_batch={global_batch})")
+    return steps
+
+
 def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size: int, batch_size: int, seed: int,
                       scales: list[int] | tuple[int, ...] = ()) -> Any:
     """The input of one of the paper's testing modes (rtrain.engine.evaluate): `center` gets the eval
@@ -57,4 +67,4 @@ def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size:
 
 
 __all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "WholeImageLoader",
-           "build_eval_loader", "build_loader"]
+           "build_eval_loader", "build_loader", "steps_per_epoch"]

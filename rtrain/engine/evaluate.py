@@ -16,14 +16,16 @@ because the fc is linear. The loss is the NLL of the averaged posteriors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rtrain.config import PrecisionConfig
+from rtrain.config import PrecisionConfig, Recipe
+from rtrain.data import build_loader
 from rtrain.engine.eval_views import PAPER_SCALES, groups_by_size, resize_whole, ten_crops
 from rtrain.engine.precision import autocast
 from rtrain.engine.step import Normalizer
@@ -98,6 +100,25 @@ def evaluate(model: nn.Module, batches: Iterable, normalize: Normalizer, precisi
     top1, top5 = correct1 / count, correct5 / count
     return {"top1": top1, "top5": top5, "top1_error": 1.0 - top1, "top5_error": 1.0 - top5,
             "loss": loss_sum / count, "samples": count}
+
+
+def evaluator_from_config(recipe: Recipe, *, rank: int, world_size: int,
+                          normalizer: Normalizer) -> Callable[[nn.Module], dict[str, float]]:
+    """The periodic evaluation of a training run (eval section): its val loader on this rank, and a function
+    that evaluates a model over the whole split from the start each time it is called."""
+    e, data = recipe.eval, recipe.data
+    mode = "ten_crop" if e.ten_crop else ("multi_scale" if e.scales else "center")
+    cfg = data if mode == "center" else data.model_copy(update={"image_size": data.eval_resize})
+    loader = build_loader(cfg, data.val_split, rank=rank, world_size=world_size,
+                          batch_size=e.batch_size or recipe.micro_batch, seed=recipe.run.seed, train=False)
+    passes = itertools.count()
+
+    def run(model: nn.Module) -> dict[str, float]:
+        loader.set_epoch(next(passes))  # a new pass from the start; eval covers every sample each time
+        return evaluate(model, loader, normalizer, recipe.precision, mode=mode, crop=data.image_size,
+                        scales=list(e.scales))
+
+    return run
 
 
 def _batch_sums(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from rtrain._errors import ExpectedError
 from rtrain.config import CheckpointConfig, EvalConfig, PrecisionConfig, TrainConfig
-from rtrain.dist.backend import Backend
+from rtrain.distributed.backend import Backend
 from rtrain.engine import stateful
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.rng import RngStreams

@@ -1,6 +1,6 @@
 """Mixed precision: the autocast dtype of the forward pass, same code on CPU and CUDA.
 
-Loss scaling belongs to the backend that steps the optimizer (rtrain.dist.scaler, DeepSpeed's own scaler).
+Loss scaling belongs to the backend that steps the optimizer (rtrain.distributed.scaler, DeepSpeed's own scaler).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from rtrain.config import PrecisionConfig
-from rtrain.dist.backend import Backend
+from rtrain.distributed.backend import Backend
 from rtrain.engine.precision import autocast
 
 

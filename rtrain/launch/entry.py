@@ -19,7 +19,8 @@ from rtrain.config import Recipe, RecipeError, load_recipe
 from rtrain.launch.preflight import PreflightError, preflight
 from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
 from rtrain.launch.signals import exit_code_for
-from rtrain.launch.workers import LaunchError, WorkerFn, default_worker, load_worker_or_fail
+from rtrain.launch.errors import LaunchError
+from rtrain.launch.workers import WorkerFn, default_worker, load_worker_or_fail
 
 
 def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int | None = None) -> dict:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from rtrain._errors import DEBUG_ENV, one_line
 from rtrain.config import Recipe
+from rtrain.launch.errors import EXPECTED_ERRORS, LaunchError
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
-    EXPECTED_ERRORS,
     LOOPBACK,
-    LaunchError,
     WorkerFn,
     free_port,
     load_worker,

@@ -18,7 +18,8 @@ from pathlib import Path
 from rtrain.config import Recipe
 from rtrain.launch.reaper import guarded
 from rtrain.launch.signals import LauncherSignals
-from rtrain.launch.workers import LaunchError, WorkerFn, lost_a_peer, python_path
+from rtrain.launch.errors import LaunchError
+from rtrain.launch.workers import WorkerFn, lost_a_peer, python_path
 
 # Set by Ray for the entrypoint of a job submitted with `ray job submit`.
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -31,7 +32,7 @@ def _connect_ray(recipe: Recipe) -> bool:
     from the same place; on a cluster that means the code sits on a filesystem every node mounts at the
     same path. Inside a job, the job's runtime env (--working-dir, or rtrain installed on the nodes) does.
     """
-    from rtrain.dist.ray_cluster import connect_or_start_ray
+    from rtrain.distributed.ray_cluster import connect_or_start_ray
 
     address = recipe.dist.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):

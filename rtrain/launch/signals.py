@@ -6,7 +6,7 @@ How a stop request travels:
   file, which every rank checks at each step boundary (both launchers; on several nodes the run directory is
   on storage every node sees, as checkpoints require anyway);
 - to a rank itself (SLURM signalling every task, `kill` of a worker): the rank's own handler.
-The ranks then agree with one collective whether anyone asked (rtrain.dist.agree), so all of them stop after
+The ranks then agree with one collective whether anyone asked (rtrain.distributed.agree), so all of them stop after
 the same step and the checkpoint is never torn.
 
 Exit codes of `python -m rtrain.launch`: 0 done, 1 failed, 2 bad recipe, EXIT_PREEMPTED (75, EX_TEMPFAIL:

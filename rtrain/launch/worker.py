@@ -7,29 +7,27 @@ from its own recipe section; this file only hands them to each other: set up, re
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 from typing import Any
 
-import torch
 
 from rtrain._errors import DEBUG_ENV
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
-from rtrain.data import build_loader
+from rtrain.data import build_loader, steps_per_epoch
 from rtrain.data.ledger import ledger_path
-from rtrain.dist.agree import StepAgreement
-from rtrain.dist.env import detect_env, init_distributed, shutdown_distributed
-from rtrain.dist.factory import backend_from_config, place_model
+from rtrain.distributed.agree import StepAgreement
+from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
+from rtrain.distributed.factory import backend_from_config, place_model
 from rtrain.engine.ema import ModelEMA
-from rtrain.engine.evaluate import evaluate
+from rtrain.engine.evaluate import evaluator_from_config
 from rtrain.engine.loop import FitParts, fit, restore
 from rtrain.engine.rng import reseed_rng
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.launch.signals import RankStopWatch
-from rtrain.launch.workers import EXPECTED_ERRORS
+from rtrain.launch.errors import EXPECTED_ERRORS
 from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
@@ -46,9 +44,9 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
                                 batch_size=recipe.per_worker_batch, seed=recipe.run.seed, train=True,
                                 ledger=ledger_path(recipe.run_dir, rank) if data.sample_ledger else None)
-    steps_per_epoch = _steps_per_epoch(recipe, train_loader)
-    total_steps = train.max_steps or math.ceil(train.epochs * steps_per_epoch)
-    schedule = LRSchedule.from_config(recipe.schedule, recipe.peak_lr, steps_per_epoch, total_steps)
+    epoch_steps = steps_per_epoch(train_loader, data, train.global_batch)
+    total_steps = train.max_steps or math.ceil(train.epochs * epoch_steps)
+    schedule = LRSchedule.from_config(recipe.schedule, recipe.peak_lr, epoch_steps, total_steps)
     model = model_from_config(recipe.model, recipe.model.num_classes or len(train_loader.classes), recipe.run.seed)
     model = place_model(model, recipe.dist, world, device, data.channels_last)
     optimizer = optimizer_from_config(model, recipe.optim, lr=schedule.lr_at(0))
@@ -60,16 +58,17 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     stop_watch = RankStopWatch(recipe.run_dir, StepAgreement())
     parts = FitParts(
         train=train, precision=recipe.precision, evaluation=recipe.eval, checkpoint=recipe.checkpoint,
-        backend=backend, train_loader=train_loader, evaluate=_eval_fn(recipe, rank, world, normalizer),
+        backend=backend, train_loader=train_loader,
+        evaluate=evaluator_from_config(recipe, rank=rank, world_size=world, normalizer=normalizer),
         train_step=TrainStep(backend, normalizer, recipe.precision, accumulation_steps=train.accumulation_steps,
                              label_smoothing=train.label_smoothing),
-        schedule=schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch, checkpointer=manager,
+        schedule=schedule, total_steps=total_steps, steps_per_epoch=epoch_steps, checkpointer=manager,
         rank=rank, ema=ModelEMA(model, train.ema_decay) if train.ema_decay else None,
         meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested)
     loaded = _resume(recipe, manager)
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
-    run_tags = describe_run(world, steps_per_epoch)  # every rank: it gathers the host names
+    run_tags = describe_run(world, epoch_steps)  # every rank: it gathers the host names
     parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None,
                                   run_tags=run_tags, resume_step=loaded.step if loaded else None)
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
@@ -104,31 +103,6 @@ def _restore(parts: FitParts, loaded: Loaded, manager: CheckpointManager, seed: 
         reseed_rng(seed, parts.state.step, rank)
     log.info("rank %d resumed from %s at step %d%s", rank, loaded.path, parts.state.step,
              "" if loaded.world_size == world else f" (written by {loaded.world_size} ranks, now {world})")
-
-
-def _steps_per_epoch(recipe: Recipe, train_loader: Any) -> int:
-    steps = len(train_loader)
-    if steps == 0:
-        raise ValueError(f"data.source={recipe.data.source}: fewer training samples than one global batch "
-                         f"(train.global_batch={recipe.train.global_batch})")
-    return steps
-
-
-def _eval_fn(recipe: Recipe, rank: int, world: int, normalizer: Normalizer):
-    e, data = recipe.eval, recipe.data
-    mode = "ten_crop" if e.ten_crop else ("multi_scale" if e.scales else "center")
-    cfg = data if mode == "center" else data.model_copy(update={"image_size": data.eval_resize})
-    loader = build_loader(cfg, data.val_split, rank=rank, world_size=world,
-                          batch_size=e.batch_size or recipe.micro_batch, seed=recipe.run.seed, train=False)
-
-    passes = itertools.count()
-
-    def run(model: torch.nn.Module) -> dict[str, float]:
-        loader.set_epoch(next(passes))  # a new pass from the start; eval covers every sample each time
-        return evaluate(model, loader, normalizer, recipe.precision, mode=mode, crop=data.image_size,
-                        scales=list(e.scales))
-
-    return run
 
 
 def _resume(recipe: Recipe, manager: CheckpointManager) -> Loaded | None:

@@ -10,20 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rtrain._errors import ExpectedError
-from rtrain.config import RecipeError
+from rtrain.launch.errors import LaunchError
 
 WorkerFn = Callable[[dict], Any]
 LOOPBACK = "127.0.0.1"
-
-
-# Failures whose message is enough (rtrain._errors); RecipeError too, which rtrain.config (importing nothing
-# of rtrain) cannot mark itself.
-EXPECTED_ERRORS = (ExpectedError, RecipeError)
-
-
-class LaunchError(ExpectedError, RuntimeError):
-    """The run could not be started or a worker failed; the message names the rank or the service."""
 
 
 def default_worker() -> WorkerFn:

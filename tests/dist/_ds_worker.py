@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rtrain.dist.deepspeed_backend import DeepSpeedBackend
+from rtrain.distributed.deepspeed_backend import DeepSpeedBackend
 from rtrain.engine.precision import DTYPES
 
 CLASSES = 5

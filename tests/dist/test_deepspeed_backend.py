@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from rtrain.dist.deepspeed_backend import deepspeed_config, weights_only_safe  # noqa: E402
+from rtrain.distributed.deepspeed_backend import deepspeed_config, weights_only_safe  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_ds_worker.py")

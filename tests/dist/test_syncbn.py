@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rtrain.dist.syncbn import SyncBatchNorm, bn_group, convert_sync_batchnorm
+from rtrain.distributed.syncbn import SyncBatchNorm, bn_group, convert_sync_batchnorm
 
 ATOL = 1e-5
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from rtrain.config import loads_recipe, recipe_from_dict
-from rtrain.dist.env import detect_env, init_distributed, shutdown_distributed
+from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.launch import LaunchError, launch, main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,11 +12,11 @@ from torch import nn
 
 from rtrain.checkpoint import CheckpointManager
 from rtrain.config import PrecisionConfig, Recipe
-from rtrain.dist.backend import DDPBackend
+from rtrain.distributed.backend import DDPBackend
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluate, ten_crops
 from rtrain.engine.loop import FitParts, NonFiniteLossError, fit, restore
-from rtrain.dist.scaler import build_scaler
+from rtrain.distributed.scaler import build_scaler
 from rtrain.engine.step import Normalizer, TrainStep
 from rtrain.optim.schedule import LRSchedule
 

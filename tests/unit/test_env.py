@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rtrain.dist.env import (
+from rtrain.distributed.env import (
     DistEnv,
     DistEnvError,
     detect_env,

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rtrain._safe_state import StateWalk, dotted_entry_path
-from rtrain.dist.backend import StepOutcome, any_nonfinite, check_backend_version
+from rtrain.distributed.backend import StepOutcome, any_nonfinite, check_backend_version
 
 STATE_VERSION = 2  # 1: the flat entries of the first checkpoint layout
 PRECISIONS = ("fp32", "bf16", "fp16")

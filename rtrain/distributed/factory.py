@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from rtrain.config import DistConfig, PrecisionConfig, TrainConfig
-from rtrain.dist.backend import Backend, DDPBackend
-from rtrain.dist.scaler import build_scaler
-from rtrain.dist.syncbn import convert_sync_batchnorm
+from rtrain.distributed.backend import Backend, DDPBackend
+from rtrain.distributed.scaler import build_scaler
+from rtrain.distributed.syncbn import convert_sync_batchnorm
 
 
 def place_model(model: nn.Module, cfg: DistConfig, world_size: int, device: torch.device,
@@ -26,7 +26,7 @@ def backend_from_config(model: nn.Module, optimizer: torch.optim.Optimizer, devi
                         micro_batch: int) -> Backend:
     """dist.engine's backend; precision.* picks its loss scaling, train.* its clipping/accumulation/compile."""
     if dist.engine == "deepspeed":
-        from rtrain.dist.deepspeed_backend import DeepSpeedBackend
+        from rtrain.distributed.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(
             model, optimizer, device=device, precision_dtype=precision.dtype,
