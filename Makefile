@@ -1,6 +1,6 @@
 # Two set-up commands that work on a fresh machine (Python 3.11 + pip registries):
 #   make demo   -> venv, install, digits sample -> shards -> quickstart training (2 processes, gloo)
-#   make test   -> venv, install (incl. deepspeed), the whole test suite (unit, dist, integration, slow)
+#   make test   -> venv, install (incl. deepspeed), the whole test suite (unit, distributed, integration, slow)
 #   make reproduce-degradation -> the paper's Fig. 6 at CPU scale: plain/ResNet-20/56 on digits (30-45 min)
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -47,11 +47,17 @@ demo: $(STAMP)
 reproduce-degradation: $(STAMP)
 	$(PY) -m rtrain.cli reproduce degradation --out $(DEGRADATION_DIR)
 
-test: $(STAMP)
-	$(PY) -m pytest tests --durations=25
+# Whole test modules on $(TEST_WORKERS) pytest-xdist workers (a module's services are started once, by one
+# worker), the integration modules first (tests/conftest.py); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+test: $(STAMP)
+	$(PYTEST) --durations=25
+
+# The inner loop: unit tests and the 2-process tier, without the slow ones.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow and not integration"
+	$(PYTEST) -m "not slow and not integration"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,21 +1,17 @@
-"""Shared test set-up: quiet, local-only services and a few common fixtures."""
+"""Shared test set-up: quiet, local-only services, a few common fixtures, and how `make test` spreads the suite
+over pytest-xdist workers (whole modules per worker, the integration modules first)."""
 
 from __future__ import annotations
 
 import os
-import socket
+from pathlib import Path
 
 import pytest
+from testkit import free_port, run_module, shared_once
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -23,30 +19,22 @@ def port() -> int:
     return free_port()
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_module(*args: str, timeout: float = 600, env: dict | None = None):
-    """Run `python -m ...` from the repo root; raise with its output if it fails."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        raise AssertionError(f"python -m {' '.join(args)} exited {proc.returncode}\n"
-                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
-    return proc
+def pytest_collection_modifyitems(config, items):
+    """Integration modules first, then the 2-process tier, then unit tests: with whole modules handed to xdist
+    workers in this order, the long ones start early and the short ones fill the gaps at the end."""
+    tiers = {"integration": 0, "distributed": 1, "unit": 2}
+    items.sort(key=lambda item: tiers.get(Path(str(item.path)).parent.name, 3))  # stable: file order kept
 
 
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):
     """Real handwritten digits (scikit-learn) -> ImageNet folders -> shards, through data_prep on Ray."""
-    root = tmp_path_factory.mktemp("digits")
-    run_module("data_prep.samples", "digits", "--out", str(root / "folders"))
-    run_module("data_prep.imagenet", "--src", str(root / "folders"), "--out", str(root / "shards"),
-               "--shard-size", "200", "--workers", "2", "--no-progress")
-    return root / "shards"
+    def build(root: Path) -> None:
+        run_module("data_prep.samples", "digits", "--out", str(root / "folders"))
+        run_module("data_prep.imagenet", "--src", str(root / "folders"), "--out", str(root / "shards"),
+                   "--shard-size", "200", "--workers", "2", "--no-progress")
+
+    return shared_once(tmp_path_factory, "digits", build) / "shards"
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
-"""Shared pieces of the tests that run the real worker under Ray: CPU-scale quickstart overrides, reading
-back what a run left (checkpoint, MLflow run), and finding Ray Train's worker processes."""
+"""Shared pieces of the tests that run the real worker (locally, under Ray, under SLURM): CPU-scale quickstart
+overrides, the environment runs get, reading back what a run left (checkpoint, ledger, MLflow run), and finding
+Ray Train's worker processes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +15,15 @@ import torch
 from rtrain.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 14  # 1437 digits / global batch 128 = 11 steps per epoch: a stop at step 3..10 is mid-epoch 0, epoch 1 follows
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched run: no RAY_ADDRESS of the caller's, and one intra-op thread per rank as
+    Ray gives each 1-CPU worker, so a local run does the same float sums as a Ray or SLURM run on any machine
+    (the reference run in conftest.py is compared bit for bit with all of them)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def quickstart_overrides(shards: Path, out: Path, name: str, max_steps: int, *extra: str) -> list[str]:
@@ -30,6 +41,12 @@ def launch_command(overrides: list[str]) -> list[str]:
 def checkpoint_steps(out: Path, name: str) -> list[int]:
     folder = out / name / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*")) if folder.is_dir() else []
+
+
+def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not different, f"{what} differs from the uninterrupted reference run in {different[:5]}"
 
 
 def final_weights(out: Path, name: str, step: int) -> dict[str, torch.Tensor]:

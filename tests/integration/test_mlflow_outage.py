@@ -10,7 +10,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import free_port
+from testkit import free_port
 from mlflow_services import artifact_paths, metric_steps, running_server
 from ray_runs import REPO, launch_command, quickstart_overrides, wait_for
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from testkit import free_port
 from mlflow_services import artifact_paths, metric_steps, running_server
 from ray_runs import REPO, checkpoint_steps, launch_command, quickstart_overrides, wait_for
 

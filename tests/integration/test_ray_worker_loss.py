@@ -1,8 +1,9 @@
 """Worker loss under Ray with the real worker: one Ray Train worker process SIGKILLed mid-epoch.
 
 With dist.max_failures=1 Ray restarts the worker group, which resumes from the newest verified checkpoint;
-the run finishes by itself with weights bit-identical to an uninterrupted run, a sample ledger holding every
-sample of the interrupted epoch exactly once (the same batches as the uninterrupted run), and one MLflow run.
+the run finishes by itself with weights bit-identical to the uninterrupted reference run (conftest.py), a sample
+ledger holding every sample of the interrupted epoch exactly once (the same batches as the reference), and one
+MLflow run.
 With max_failures=0 it stops with one line naming the dead rank.
 """
 
@@ -13,14 +14,16 @@ import signal
 import subprocess
 
 import pytest
-import torch
 from ray_runs import (
     REPO,
+    STEPS,
+    assert_same_weights,
     checkpoint_steps,
     final_weights,
     launch_command,
     mlflow_runs,
     quickstart_overrides,
+    run_env,
     train_worker_pids,
     wait_for,
 )
@@ -29,23 +32,12 @@ from rtrain.data.ledger import epoch_samples, read_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 16  # 1437 digits / global batch 128 = 11 steps per epoch: epoch 0 is interrupted, epoch 1 follows
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-def _run(shards, out, name: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = launch_command(quickstart_overrides(shards, out, name, STEPS, "data.sample_ledger=true", *extra))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=_env())
-
 
 def _run_and_kill_a_worker(shards, out, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
     """Start the run, SIGKILL one Ray Train worker process once step 3's checkpoint exists (mid-epoch 0)."""
     cmd = launch_command(quickstart_overrides(shards, out, name, STEPS, "data.sample_ledger=true", *extra))
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)
+                            env=run_env(), start_new_session=True)
     try:
         wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
         assert proc.poll() is None, "the run ended before a worker could be killed"
@@ -61,20 +53,15 @@ def _run_and_kill_a_worker(shards, out, name: str, *extra: str) -> tuple[subproc
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), killed_after
 
 
-def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(digits_shards, tmp_path):
-    straight = _run(digits_shards, tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr[-5000:]
-
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_uninterrupted(digits_shards, reference_run, tmp_path):
     done, _ = _run_and_kill_a_worker(digits_shards, tmp_path, "lossy", "dist.max_failures=1")
     assert done.returncode == 0, done.stderr[-5000:]
     assert "resumed from" in done.stderr
 
-    expected, got = final_weights(tmp_path, "straight", STEPS), final_weights(tmp_path, "lossy", STEPS)
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_weights(reference_run.weights(), final_weights(tmp_path, "lossy", STEPS), "the restarted run")
 
     resumed = read_ledger(tmp_path / "lossy" / "ledger")
-    assert resumed == read_ledger(tmp_path / "straight" / "ledger")  # every batch as in the straight run
+    assert resumed == reference_run.ledger()  # every batch as in the uninterrupted run
     epoch0 = epoch_samples(resumed, 0)
     assert len(epoch0) == len(set(epoch0)) == 11 * 128  # the interrupted epoch: each sample once
 

@@ -51,7 +51,7 @@ def cpu_scale(recipe: Recipe, shards: Path, out: Path, name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def small_val_shards(tmp_path_factory):
     """The digits with a 27-image val split: every recipe evaluates at its end (the 1202-layer net too)."""
-    from conftest import run_module
+    from testkit import run_module
 
     root = tmp_path_factory.mktemp("recipe-digits")
     run_module("data_prep.samples", "digits", "--out", str(root / "folders"), "--val-fraction", "0.015")

@@ -1,38 +1,35 @@
-"""Exact resumption after a real kill: train N steps straight vs. killed mid-epoch (SIGKILL to the whole
-launcher process group) and resumed: the final weights are bit-identical. 2 processes on gloo, real shards,
-real loader workers, real checkpoints; DDP and DeepSpeed ZeRO-1."""
+"""Exact resumption after a real kill: a run killed mid-epoch (SIGKILL to the whole launcher process group) and
+resumed ends with weights bit-identical to an uninterrupted run. 2 processes on gloo, real shards, real loader
+workers, real checkpoints; DDP (against the session's reference run, conftest.py) and DeepSpeed ZeRO-1 (against
+a straight DeepSpeed run of its own)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from ray_runs import REPO, assert_same_weights, launch_command, quickstart_overrides, run_env
 
 from rtrain.checkpoint import CheckpointManager
-
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MAX_STEPS = 14  # 1437 digits / global batch 128 -> 11 steps per epoch: the run crosses an epoch
-EVERY = 3
+EVERY = 3  # as the reference run's checkpoint.every_steps
 
 
 def _command(shards: Path, out: Path, name: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "rtrain.launch", "recipes/quickstart.yaml",
-            f"data.source={shards}", f"run.output_root={out}", f"run.name={name}", "dist.launcher=local",
-            f"train.max_steps={MAX_STEPS}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep=10",
-            "tracking.enabled=false", "train.log_every_steps=1", "eval.every_epochs=100", *extra]
+    return launch_command(quickstart_overrides(shards, out, name, MAX_STEPS, "dist.launcher=local",
+                                               "tracking.enabled=false", "train.log_every_steps=1", *extra))
 
 
 def _run(cmd: list[str], timeout: float = 900) -> None:
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
@@ -43,7 +40,7 @@ def _steps(ckpt_dir: Path) -> list[int]:
 
 
 def _run_and_kill(cmd: list[str], ckpt_dir: Path, kill_after_step: int) -> int:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
                             start_new_session=True)
     deadline = time.monotonic() + 600
     try:
@@ -70,16 +67,17 @@ def _final_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     pytest.param(["dist.engine=deepspeed", "dist.zero_stage=1"], id="deepspeed-zero1",
                  marks=pytest.mark.deepspeed),
 ])
-def test_killed_and_resumed_equals_straight(digits_shards, tmp_path, engine):
-    straight = tmp_path / "straight"
-    _run(_command(digits_shards, straight, "r", engine))
+def test_killed_and_resumed_equals_straight(digits_shards, request, tmp_path, engine):
+    if engine:  # DeepSpeed's own uninterrupted run; DDP's is the session's reference run
+        straight = tmp_path / "straight"
+        _run(_command(digits_shards, straight, "r", engine))
+        expected = _final_weights(straight / "r" / "checkpoints")
+    else:
+        expected = request.getfixturevalue("reference_run").weights()
     killed = tmp_path / "killed"
     cmd = _command(digits_shards, killed, "r", engine)
     ckpt_dir = killed / "r" / "checkpoints"
     killed_at = _run_and_kill(cmd, ckpt_dir, kill_after_step=EVERY * 2)
     assert killed_at % 11 != 0, "the kill should land mid-epoch"
     _run(cmd)
-    a, b = _final_weights(straight / "r" / "checkpoints"), _final_weights(ckpt_dir)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"resumed run differs from the straight one in {different[:5]}"
+    assert_same_weights(expected, _final_weights(ckpt_dir), "the killed and resumed run")

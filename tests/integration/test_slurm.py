@@ -1,6 +1,7 @@
 """SLURM for real: slurmctld and two slurmd "nodes" on this host (cluster/local/slurm.py), the shipped sbatch
-scripts, the real worker. A run across both nodes on Ray; USR1 -> checkpoint -> requeue -> resume, ending
-bit-identical to the uninterrupted run; scancel leaves no process; the srun variant without Ray.
+scripts, the real worker. A run across both nodes on Ray, stopped by USR1 -> checkpoint -> requeue -> resume,
+ending bit-identical to the session's uninterrupted reference run (conftest.py); scancel leaves no process; the
+srun variant without Ray, bit-identical to the same reference.
 
 SLURM is installed with apt when missing (Debian packages, root); where that cannot be done the tests skip
 with the reason."""
@@ -16,15 +17,26 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from ray_runs import REPO, checkpoint_steps, final_weights, mlflow_runs, pids_gone, processes, quickstart_overrides, wait_for
+from ray_runs import (
+    REPO,
+    STEPS,
+    assert_same_weights,
+    checkpoint_steps,
+    descendants,
+    final_weights,
+    mlflow_runs,
+    pids_gone,
+    processes,
+    quickstart_overrides,
+    run_env,
+    wait_for,
+)
 
 from cluster.local.slurm import missing_commands, start_slurm, stop_slurm
 from rtrain.data.ledger import read_ledger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = 14  # 11 steps per epoch at 2 workers: a stop at step 3..10 is mid-epoch 0
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
 
@@ -55,7 +67,7 @@ def slurm(tmp_path_factory):
 
 
 def _env(slurm) -> dict[str, str]:
-    env = {k: v for k, v in slurm.env.items() if k != "RAY_ADDRESS"}
+    env = run_env(SLURM_CONF=str(slurm.conf))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # sbatch passes it on
     return env
 
@@ -88,32 +100,14 @@ def _log(out: Path, job: int) -> str:
     return (out / f"job-{job}.out").read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
-def straight(slurm, digits_shards, tmp_path_factory):
-    """The uninterrupted run across both nodes on Ray: the reference the other tests compare against."""
-    out = tmp_path_factory.mktemp("straight")
-    job = _sbatch(slurm, "rtrain.sbatch", out, _overrides(digits_shards, out, "straight"))
-    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
-    return out, job, info
-
-
 def _job_processes(job: int) -> list[int]:
     return [pid for pid, _, args in processes() if f"rtrain-ray-{job}-" in args]
 
 
-def test_sbatch_runs_a_recipe_on_ray_across_two_nodes(straight):
-    out, job, info = straight
-    log = _log(out, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
-    assert f"Ray cluster at 127.0.0.1:{20000 + job % 10000} has 2 node(s)" in log
-    assert "dist.launcher=ray dist.num_workers=2" in log  # the worker count comes from the allocation
-    assert final_weights(out, "straight", STEPS)  # verified
-    [run] = mlflow_runs(out, "straight")
-    assert run.info.status == "FINISHED"
-    assert not _job_processes(job)  # Ray's daemons ended with the job
-
-
-def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, straight, digits_shards, tmp_path):
+def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_identical(slurm, reference_run,
+                                                                                       digits_shards, tmp_path):
+    """One job does what a user's would: a run on Ray across both nodes, stopped by USR1 (checkpoint, requeue),
+    then resumed by SLURM to the end."""
     job = _sbatch(slurm, "rtrain.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "requeued"))
     wait_for(lambda: checkpoint_steps(tmp_path, "requeued"), 600, "the first checkpoint")
     subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
@@ -130,23 +124,25 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identical(slurm, straight, di
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = _log(tmp_path, job)
-    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
     assert "restart 1" in log and "resumed from" in log
-    straight_out = straight[0]
-    expected, got = final_weights(straight_out, "straight", STEPS), final_weights(tmp_path, "requeued", STEPS)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert read_ledger(tmp_path / "requeued" / "ledger") == read_ledger(straight_out / "straight" / "ledger")
+    assert f"Ray cluster at 127.0.0.1:{20000 + job % 10000} has 2 node(s)" in log
+    assert "dist.launcher=ray dist.num_workers=2" in log  # the worker count comes from the allocation
+    assert_same_weights(reference_run.weights(), final_weights(tmp_path, "requeued", STEPS), "the requeued run")
+    assert read_ledger(tmp_path / "requeued" / "ledger") == reference_run.ledger()
     [run] = mlflow_runs(tmp_path, "requeued")  # the same MLflow run, continued
     assert run.info.status == "FINISHED"
+    assert not _job_processes(job)  # Ray's daemons ended with the job
 
 
 def test_scancel_leaves_no_process_behind(slurm, digits_shards, tmp_path):
-    before = {pid for pid, _, _ in processes()}
     job = _sbatch(slurm, "rtrain.sbatch", tmp_path,
                   _overrides(digits_shards, tmp_path, "cancelled", "train.max_steps=5000"))
     wait_for(lambda: checkpoint_steps(tmp_path, "cancelled"), 600, "the first checkpoint")
-    started = [pid for pid, _, args in processes()
-               if pid not in before and ("ray" in args or "rtrain" in args or "slurmstepd" in args)]
+    # The job's steps and the Ray daemons it started (they leave their parent: found by their session folder),
+    # with everything below them; not "every new process": other tests may run beside this one.
+    roots = [pid for pid, _, args in processes() if args.startswith(f"slurmstepd: [{job}.")] + _job_processes(job)
+    started = sorted({*roots, *(child for root in roots for child in descendants(root))})
     assert _job_processes(job) and len(started) >= 6, [a[:120] for p, _, a in processes() if p in started]
     subprocess.run(["scancel", str(job)], env=slurm.env, check=True, timeout=30)
     _wait_state(slurm, job, {"CANCELLED"}, timeout_s=120)
@@ -156,17 +152,15 @@ def test_scancel_leaves_no_process_behind(slurm, digits_shards, tmp_path):
     assert checkpoint_steps(tmp_path, "cancelled") == saved
 
 
-def test_srun_variant_trains_across_two_nodes_without_ray(slurm, straight, digits_shards, tmp_path):
-    # One thread per rank, as Ray gives each 1-CPU worker: the same float summation order as the Ray run.
-    job = _sbatch(slurm, "rtrain-srun.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "srun"),
-                  OMP_NUM_THREADS="1")
+def test_srun_variant_trains_across_two_nodes_without_ray(slurm, reference_run, digits_shards, tmp_path):
+    # One thread per rank (run_env), as Ray gives each 1-CPU worker: the same float sums as the reference.
+    job = _sbatch(slurm, "rtrain-srun.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "srun"))
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "via the local launcher" in log and "Ray cluster" not in log
     assert log.count("rtrain: finished 'srun'") == 1  # node 0 reports for the run
     # Two ranks, one per node, meeting over TCP: the same math as two Ray workers.
-    expected, got = final_weights(straight[0], "straight", STEPS), final_weights(tmp_path, "srun", STEPS)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_weights(reference_run.weights(), final_weights(tmp_path, "srun", STEPS), "the srun run")
     [run] = mlflow_runs(tmp_path, "srun")
     assert run.info.status == "FINISHED"

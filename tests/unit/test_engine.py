@@ -1,6 +1,6 @@
 """The train step and loop on one process: precision paths, loss scaling, non-finite handling, accumulation,
 EMA and resume through the real checkpoint manager. The loader here is a small in-memory one with the
-ShardLoader interface; the real loader is exercised by tests/dist and tests/integration."""
+ShardLoader interface; the real loader is exercised by tests/distributed and tests/integration."""
 
 from __future__ import annotations
 

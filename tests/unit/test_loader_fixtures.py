@@ -1,4 +1,4 @@
-"""Shard-writing helpers for the loader tests (also imported by tests/dist and tests/integration).
+"""Shard-writing helpers for the loader tests (also imported by tests/distributed and tests/integration).
 
 Shards follow rtrain.data.format: `{key}.jpg` + `{key}.cls` members and a manifest.json. With
 `label_is_id=True` every sample's label is its global index, so a test can keep a ledger of exactly which

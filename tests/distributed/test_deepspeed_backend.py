@@ -1,7 +1,7 @@
 """DeepSpeedBackend on 2 gloo processes (CPU): exact resume across fresh processes for ZeRO 0/1 and
 fp32/bf16/fp16, skipped non-finite steps, gradient accumulation, and the world-size check on resume.
 
-Every rank is a fresh ``python tests/dist/_ds_worker.py`` process, so a resume really starts a new process
+Every rank is a fresh ``python tests/distributed/_ds_worker.py`` process, so a resume really starts a new process
 group, and every process must exit with status 0 (which is how an abort at interpreter exit would show).
 """
 

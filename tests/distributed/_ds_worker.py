@@ -1,6 +1,6 @@
 """One rank of a DeepSpeedBackend run on gloo (CPU), driven like rtrain's train step. Run as a script.
 
-    python tests/dist/_ds_worker.py --rank R --world W --port P --out DIR [--resume DIR] [options]
+    python tests/distributed/_ds_worker.py --rank R --world W --port P --out DIR [--resume DIR] [options]
 
 Trains --steps optimizer steps of a tiny conv(+BN)+linear model on data that is a pure function of
 (global step, rank, micro-batch), so a resumed run sees exactly the batches the straight run saw. Writes
