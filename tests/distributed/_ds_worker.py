@@ -1,11 +1,16 @@
-"""One rank of a DeepSpeedBackend run on gloo (CPU), driven like rtrain's train step. Run as a script.
+"""One rank of DeepSpeedBackend runs on gloo (CPU), driven like rtrain's train step. Run as a script.
 
     python tests/distributed/_ds_worker.py --rank R --world W --port P --out DIR [--resume DIR] [options]
+        [--case NAME="OPTIONS" ...]
 
 Trains --steps optimizer steps of a tiny conv(+BN)+linear model on data that is a pure function of
 (global step, rank, micro-batch), so a resumed run sees exactly the batches the straight run saw. Writes
 to --out: final weights (rank 0), shared state (rank 0), per-rank state and per-step outcomes. With
 --inf-at S the step whose global index is S gets an infinite loss (inf/nan gradients on every rank).
+
+Each --case is one more run in the same processes, one after the other, with OPTIONS added to the command
+line's: it writes to --out/NAME and resumes from --resume/NAME/--resume-from. (Importing DeepSpeed costs
+seconds a process: the tests start one pair of processes for many runs.)
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,7 +62,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd")
     p.add_argument("--inf-at", type=int, default=-1)
     p.add_argument("--save-at", type=int, default=-1, help="also save the state after this many steps")
+    p.add_argument("--case", action="append", default=[], metavar='NAME="OPTIONS"')
+    p.add_argument("--resume-from", default="final", help="with --case: the state folder of a case to resume")
     return p.parse_args(argv)
+
+
+def runs(argv: list[str]) -> list[argparse.Namespace]:
+    """The runs this process makes: the command line's, or one per --case with its options added."""
+    args = parse_args(argv)
+    if not args.case:
+        return [args]
+    chosen = []
+    for case in args.case:
+        name, _, options = case.partition("=")
+        run_args = parse_args([*argv, *shlex.split(options)])
+        run_args.out = args.out / name
+        run_args.resume = args.resume / name / args.resume_from if args.resume else None
+        chosen.append(run_args)
+    return chosen
 
 
 def allow_cpu_fp16() -> None:
@@ -134,16 +157,20 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    chosen = runs(argv)
+    args = chosen[0]
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(args.rank),
                       WORLD_SIZE=str(args.world), LOCAL_RANK=str(args.rank))
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world)
     try:
-        run(args)
-    except Exception as exc:  # the test reads this file: a clear message beats a gloo hang on the peer
-        (args.out / f"error{args.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
-        raise
+        for run_args in chosen:
+            run_args.out.mkdir(parents=True, exist_ok=True)
+            try:
+                run(run_args)
+            except Exception as exc:  # the test reads this file: a clear message beats a gloo hang on the peer
+                (run_args.out / f"error{run_args.rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+                raise
     finally:
         dist.destroy_process_group()
     return 0

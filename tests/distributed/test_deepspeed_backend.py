@@ -31,10 +31,8 @@ STEPS, SAVE_AT, INF_AT = 6, 3, 1
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 HAS_LARS = importlib.util.find_spec("rtrain.optim.lars") is not None
 
-RESUME_CASES = [
-    ("sgd", 0, "fp32"), ("sgd", 1, "fp32"), ("sgd", 1, "bf16"), ("sgd", 0, "fp16"), ("sgd", 1, "fp16"),
-    pytest.param("lars", 1, "fp32", marks=pytest.mark.skipif(not HAS_LARS, reason="rtrain.optim.lars missing")),
-]
+RESUME_CASES = [("sgd", 0, "fp32"), ("sgd", 1, "fp32"), ("sgd", 1, "bf16"), ("sgd", 0, "fp16"), ("sgd", 1, "fp16"),
+                *([("lars", 1, "fp32")] if HAS_LARS else [])]
 LOGITS_DTYPE = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
 
 
@@ -42,6 +40,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def case_options(optimizer: str, zero: int, precision: str) -> str:
+    return f"{optimizer}-z{zero}-{precision}=--optimizer {optimizer} --zero {zero} --precision {precision}"
 
 
 def run_ranks(out: Path, world: int, *args: object, expect_ok: bool = True) -> list[int]:
@@ -90,19 +92,17 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
     """Per case: a straight 6-step run (state saved after step 3; step 1 gets an inf loss) and a resume of
-    its step-3 state in fresh processes for the remaining 3 steps. Run once, shared by the tests below."""
+    its step-3 state in fresh processes for the remaining 3 steps. All cases run in one pair of processes
+    (straight), then in a fresh pair (resumed), once for the tests below."""
     root = tmp_path_factory.mktemp("ds_resume")
-    done: dict[tuple, tuple[Path, Path]] = {}
+    cases = [arg for case in RESUME_CASES for arg in ("--case", case_options(*case))]
+    run_ranks(root / "straight", 2, "--steps", STEPS, "--save-at", SAVE_AT, "--inf-at", INF_AT, *cases)
+    run_ranks(root / "resumed", 2, "--steps", STEPS - SAVE_AT, "--inf-at", INF_AT, "--resume", root / "straight",
+              "--resume-from", f"at{SAVE_AT}", *cases)
 
     def get(optimizer: str, zero: int, precision: str) -> tuple[Path, Path]:
-        key = (optimizer, zero, precision)
-        if key not in done:
-            common = ("--optimizer", optimizer, "--zero", zero, "--precision", precision, "--inf-at", INF_AT)
-            straight, resumed = root / f"{optimizer}-z{zero}-{precision}", root / f"{optimizer}-z{zero}-{precision}-r"
-            run_ranks(straight, 2, "--steps", STEPS, "--save-at", SAVE_AT, *common)
-            run_ranks(resumed, 2, "--steps", STEPS - SAVE_AT, "--resume", straight / f"at{SAVE_AT}", *common)
-            done[key] = straight, resumed
-        return done[key]
+        name = case_options(optimizer, zero, precision).partition("=")[0]
+        return root / "straight" / name, root / "resumed" / name
 
     return get
 
@@ -141,19 +141,28 @@ def test_nonfinite_gradient_skips_the_step(resume_runs, zero, precision):
         assert max(s["scale_after"] for s in steps[INF_AT + 1:]) == bad["scale_before"]
 
 
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory) -> Path:
+    """ZeRO 0 and 1, each with 2 accumulated micro-batches of 4 and with one micro-batch of 8; one process pair."""
+    root = tmp_path_factory.mktemp("ds_accumulation")
+    cases = [arg for zero in (0, 1) for name, micro, accum in (("accum2", 4, 2), ("accum1", 8, 1))
+             for arg in ("--case", f"{name}-z{zero}=--zero {zero} --micro {micro} --accum {accum}")]
+    # No BatchNorm: BN statistics over 4 samples differ from those over 8, so only a BN-free model has
+    # the same gradients either way.
+    run_ranks(root, 2, "--steps", 3, "--no-bn", *cases)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("zero", [0, 1])
-def test_accumulation_matches_one_double_micro_batch(tmp_path, zero):
-    # No BatchNorm: BN statistics over 4 samples differ from those over 8, so only a BN-free model has
-    # the same gradients either way.
-    common = ("--steps", 3, "--zero", zero, "--no-bn")
-    run_ranks(tmp_path / "accum2", 2, "--micro", 4, "--accum", 2, *common)
-    run_ranks(tmp_path / "accum1", 2, "--micro", 8, "--accum", 1, *common)
-    accumulated, single = load_weights(tmp_path / "accum2")[-1], load_weights(tmp_path / "accum1")[-1]
+def test_accumulation_matches_one_double_micro_batch(accumulation_runs, zero):
+    accumulated = load_weights(accumulation_runs / f"accum2-z{zero}")[-1]
+    single_run = load_weights(accumulation_runs / f"accum1-z{zero}")
+    single = single_run[-1]
     for name in single:
         torch.testing.assert_close(accumulated[name], single[name], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(load_weights(tmp_path / "accum1")[0]["0.weight"], single["0.weight"])
+    assert not torch.equal(single_run[0]["0.weight"], single["0.weight"])
 
 
 @pytest.mark.slow
