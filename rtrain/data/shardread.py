@@ -10,6 +10,12 @@ records): Python's tarfile builds a TarInfo per member at about 60 microseconds 
 ImageNet-sized sample's decode. It ends where tarfile ends (a cut or invalid header after the first
 member, two zero blocks) so damaged shards read the same either way; streams and object-store files go
 through tarfile.
+
+Shards may come from anywhere, so the reader trusts no header field: every size is non-negative and within
+the bytes left in the file before anything is read or sought, long names and pax records are capped and each
+pax record must advance and parse, and every header moves the position forward. A header that breaks one of
+these rules is a tarfile.ReadError naming the byte offset, which read_positions turns into ShardDamage (handled
+by the recipe's data.on_bad_sample like any damaged shard): it can neither loop nor allocate what it claims.
 """
 
 from __future__ import annotations
@@ -138,13 +144,19 @@ def _file_members(tar: tarfile.TarFile) -> Iterator[Member]:
 
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular files (and contiguous ones); directories, links, pax globals: skipped
+MAX_LONG_NAME = 4096  # bytes of a GNU long name (PATH_MAX)
+MAX_PAX_RECORDS = 64 * 1024  # bytes of one member's pax records (path, size, times: a few hundred in practice)
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: bytes, at: int) -> int:
+    """A numeric header field: octal text, or GNU base-256 (first byte 0x80 positive, 0xff negative)."""
     if field[:1] and field[0] & 0x80:  # GNU base-256, for members of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
+        return int.from_bytes(field, "big", signed=True) if field[0] == 0xFF else int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError(f"header at byte {at}: size field {text[:12]!r} is not a number") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -157,24 +169,44 @@ def _checksum_ok(header: bytes) -> bool:
     return expected == unsigned or expected == unsigned - 256 * sum(b > 127 for b in header)
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
+def _pax_records(data: bytes, header_at: int) -> dict[str, str]:
+    """`<length> <key>=<value>\\n` records; each must lie whole inside `data` (so every one advances)."""
     records, at = {}, 0
-    while at < len(data):
-        length_text, _, _ = data[at:at + 20].partition(b" ")
-        if not length_text.isdigit():
-            break
-        length = int(length_text)
+    while at < len(data) and data[at]:  # tarfile pads the records' block with NULs
+        length_text, space, _ = data[at:at + 20].partition(b" ")
+        length = int(length_text) if space and length_text.isdigit() else 0
         record = data[at:at + length]
-        key, _, value = record[len(length_text) + 1:].rstrip(b"\n").partition(b"=")
+        if length <= len(length_text) + 1 or at + length > len(data) or not record.endswith(b"\n") \
+                or b"=" not in record:
+            raise tarfile.ReadError(f"pax header at byte {header_at}: malformed record at its byte {at}")
+        key, _, value = record[len(length_text) + 1:-1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         at += length
     return records
 
 
+def _pax_size(pax: dict[str, str], header_at: int) -> int | None:
+    if "size" not in pax:
+        return None
+    text = pax["size"]
+    if not (text.isascii() and text.isdigit()):
+        raise tarfile.ReadError(f"pax header before byte {header_at}: size {text[:20]!r} is not a size")
+    return int(text)
+
+
+def _file_size(fileobj: io.BufferedReader) -> int:
+    at = fileobj.tell()
+    end = fileobj.seek(0, io.SEEK_END)
+    fileobj.seek(at)
+    return end
+
+
 def _local_members(fileobj: io.BufferedReader) -> Iterator[Member]:
     fileobj.seek(0)
+    end = _file_size(fileobj)
     offset, long_name, pax = 0, None, {}
     while True:
+        header_at = offset
         header = fileobj.read(BLOCK)
         if len(header) < BLOCK or header.count(0) == BLOCK:
             return  # a header cut short or the end-of-archive blocks: where tarfile stops too
@@ -182,33 +214,40 @@ def _local_members(fileobj: io.BufferedReader) -> Iterator[Member]:
             if offset == 0:
                 raise tarfile.ReadError("bad checksum")
             return  # tarfile ends quietly at an invalid header after the first member
-        size, kind = _octal(header[124:136]), header[156:157]
-        data_at = offset + BLOCK
-        offset = data_at + -(-size // BLOCK) * BLOCK
+        size, kind = _octal(header[124:136], header_at), header[156:157]
+        data_at = header_at + BLOCK
         if kind in (b"L", b"x"):  # a GNU long name or pax records for the next member
+            cap = MAX_LONG_NAME if kind == b"L" else MAX_PAX_RECORDS
+            if not 0 <= size <= min(cap, end - data_at):
+                raise tarfile.ReadError(f"header at byte {header_at}: {'long name' if kind == b'L' else 'pax'} "
+                                        f"of {size} bytes (at most {cap}, {max(end - data_at, 0)} left)")
             extra = fileobj.read(size)
-            if len(extra) < size:
-                return
             if kind == b"L":
                 long_name = extra.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
-                pax = _pax_records(extra)
+                pax = _pax_records(extra, header_at)
+            offset = data_at + -(-size // BLOCK) * BLOCK
             fileobj.seek(offset)
             continue
         name = header[0:100].split(b"\0", 1)[0]
         prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
         name_text = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
         name_text = pax.get("path", long_name or name_text)
-        size = int(pax.get("size", size))
-        offset = data_at + -(-size // BLOCK) * BLOCK
+        pax_size = _pax_size(pax, header_at)
+        size = size if pax_size is None else pax_size
+        if size < 0:
+            raise tarfile.ReadError(f"header at byte {header_at}: negative size {size}")
+        offset = data_at + -(-size // BLOCK) * BLOCK  # > header_at: every header moves forward
         long_name, pax = None, {}
         if kind in _FILE_TYPES:
-            yield name_text, lambda name=name_text, size=size: _read_exact(fileobj, name, size)
+            left = max(end - data_at, 0)
+            yield name_text, lambda name=name_text, size=size, left=left: _read_exact(fileobj, name, size, left)
         fileobj.seek(offset)
 
 
-def _read_exact(fileobj: io.BufferedReader, name: str, size: int) -> bytes:
-    data = fileobj.read(size)
+def _read_exact(fileobj: io.BufferedReader, name: str, size: int, left: int) -> bytes:
+    """The member's data; never more than the file holds, whatever its header claims."""
+    data = fileobj.read(min(size, left))
     if len(data) != size:
         raise EOFError(f"member {name} truncated ({len(data)} of {size} bytes)")
     return data
