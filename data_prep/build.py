@@ -16,6 +16,7 @@ from data_prep.plan import PREP_FORMAT, ShardSize, SourceFile, plan_shards, shar
 from data_prep.quirks import ImageOptions
 from data_prep.shards import RECEIPTS_DIR, TEMP_MARKER, ShardJob, ShardResult, temp_name
 from rtrain._io import write_atomically
+from rtrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from rtrain.data.format import MANIFEST_NAME, Manifest, QuarantinedFile, shard_name
 
 JobRunner = Callable[[list[ShardJob], bool, str], dict[str, tuple[ShardResult, bool]]]
@@ -50,6 +51,9 @@ class BuildOptions:
             "quality": self.image_options.quality,
             "check": self.image_options.check,
             "keep_empty_classes": self.keep_empty_classes,
+            # only when changed: shards built before the option existed keep their fingerprint
+            **({"max_image_pixels": self.image_options.max_image_pixels}
+               if self.image_options.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS else {}),
         }
 
 

@@ -39,6 +39,7 @@ from data_prep.plan import ShardSize, SourceFile, file_key
 from data_prep.quirks import JPEG_CHECKS, ImageOptions
 from data_prep.report import format_summary
 from data_prep.storage import upload_output
+from rtrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from rtrain.data.format import QuarantinedFile
 from rtrain.data.stores import ShardError, is_remote
 
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--shard-bytes", type=parse_size, default=None, help="source bytes per shard, e.g. 100MB")
     parser.add_argument("--max-side", type=int, default=None, help="re-encode images larger than this (px)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="quarantine an image whose header claims more pixels (width x height) than this, "
+                             "before decoding it (default: the loader's data.max_image_pixels)")
     parser.add_argument("--check", choices=JPEG_CHECKS, default="structure",
                         help="JPEG verification: header + scan structure (default), or a 1/8-scale decode")
     parser.add_argument("--keep-empty-classes", action="store_true",
@@ -199,7 +203,8 @@ def _out_location(text: str) -> Path | str:
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
     shard_size = ShardSize(samples=None, bytes=args.shard_bytes) if args.shard_bytes else ShardSize(args.shard_size or 1000)
-    return BuildOptions(args.seed, shard_size, ImageOptions(args.max_side, args.quality, args.check),
+    return BuildOptions(args.seed, shard_size, ImageOptions(args.max_side, args.quality, args.check,
+                                                                 args.max_image_pixels),
                         not args.no_progress, getattr(args, "keep_empty_classes", False))
 
 

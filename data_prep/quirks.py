@@ -19,6 +19,10 @@ Policy (the loader, rtrain.data, relies on it):
   decodes every sample.
 - Zero-byte, truncated, corrupt and non-image files are quarantined with a reason of the form
   ``"<category> (<detail>)"``; the category is what summaries group by.
+- An image whose header claims more than ``max_image_pixels`` (``--max-image-pixels``, the loader's
+  data.max_image_pixels default) is quarantined before anything decodes it (``too many pixels``); only the
+  raster formats in OPENED_FORMATS are opened (no EPS, PDF, ... plugins); and no single file, whatever
+  Pillow raises for it, stops a build: it is quarantined with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from rtrain.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION_TAG = 0x0112
 EXIF_HEADER = b"Exif\x00\x00"
@@ -38,6 +44,8 @@ JPEG_CHECKS = ("decode", "structure")
 PASSTHROUGH_MODES = ("RGB", "L")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What a source file may be: JPEG, and the raster formats that get converted to it.
+OPENED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class ImageOptions:
     max_side: int | None = None
     quality: int = 90
     check: str = "structure"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         if self.check not in JPEG_CHECKS:
@@ -60,6 +69,8 @@ class ImageOptions:
             raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def jpeg_decode_error(raw: bytes) -> str | None:
     except ValueError:
         pass  # strict libjpeg-turbo also fails on harmless warnings; PIL has the final word
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=OPENED_FORMATS) as image:
             image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
         return None
@@ -148,9 +159,33 @@ def jpeg_structure_error(raw: bytes) -> str | None:
 def sanitize_image(raw: bytes, options: ImageOptions) -> ImageOutcome:
     if not raw:
         return ImageOutcome(None, quarantine_reason="zero-byte file")
-    if raw.startswith(JPEG_MAGIC):
-        return _sanitize_jpeg(raw, options)
-    return _convert_other_format(raw, options)
+    too_many = _pixel_budget_error(raw, options.max_image_pixels)
+    if too_many is not None:
+        return ImageOutcome(None, quarantine_reason=too_many)
+    try:
+        if raw.startswith(JPEG_MAGIC):
+            return _sanitize_jpeg(raw, options)
+        return _convert_other_format(raw, options)
+    except DECODE_ERRORS as exc:  # one file never stops a build: whatever its header does to Pillow
+        return ImageOutcome(None, quarantine_reason=_pil_error_reason("image", exc))
+
+
+def _pixel_budget_error(raw: bytes, max_pixels: int) -> str | None:
+    """The quarantine reason when the header claims more than `max_pixels`; None when it does not, or when
+    the header cannot be read (the checks that follow name that)."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(raw)
+    except ValueError:
+        try:
+            with Image.open(io.BytesIO(raw), formats=OPENED_FORMATS) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as exc:
+            return f"too many pixels ({exc})"
+        except Exception:  # noqa: BLE001 - unreadable: the format checks quarantine it with their reason
+            return None
+    if width * height > max_pixels:
+        return f"too many pixels ({width} x {height} = {width * height:,}, over --max-image-pixels {max_pixels:,})"
+    return None
 
 
 def _orientation(image: Image.Image) -> int:
@@ -204,7 +239,7 @@ def _sanitize_jpeg(raw: bytes, options: ImageOptions) -> ImageOutcome:
     plain, grayscale = _is_plain_jpeg(raw, options)
     if plain:
         return ImageOutcome(raw, grayscale=grayscale)
-    with Image.open(io.BytesIO(raw)) as image:
+    with Image.open(io.BytesIO(raw), formats=OPENED_FORMATS) as image:
         mode, size, orientation = image.mode, image.size, _orientation(image)
         target = _target_size(size, options.max_side)
         changes = []
@@ -224,7 +259,7 @@ def _sanitize_jpeg(raw: bytes, options: ImageOptions) -> ImageOutcome:
 def _convert_other_format(raw: bytes, options: ImageOptions) -> ImageOutcome:
     _require_strict_pil()
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(raw), formats=OPENED_FORMATS)
     except UnidentifiedImageError:
         return ImageOutcome(None, quarantine_reason=f"not an image (starts with {raw[:12]!r})")
     except DECODE_ERRORS as exc:

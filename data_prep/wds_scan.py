@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from data_prep.quirks import DECODE_ERRORS, JPEG_MAGIC, jpeg_decode_error, jpeg_structure_error
+from data_prep.quirks import DECODE_ERRORS, JPEG_MAGIC, OPENED_FORMATS, jpeg_decode_error, jpeg_structure_error
 from rtrain.data.format import IMAGE_KEYS, SampleKeys, ShardEntry, label_value
 from rtrain.data.shardread import split_member_name
 from rtrain.data.stores import ShardError, open_stream
@@ -62,7 +62,7 @@ def image_error(raw: bytes, check: str) -> str | None:
     if raw.startswith(JPEG_MAGIC):
         return jpeg_decode_error(raw) if check == "decode" else jpeg_structure_error(raw)
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with Image.open(io.BytesIO(raw), formats=OPENED_FORMATS) as image:
             image.load()
     except DECODE_ERRORS as exc:
         return f"not a readable image ({type(exc).__name__}: {' '.join(str(exc).split())})"

@@ -77,6 +77,11 @@ class DataConfig(Section):
                            "batches are channels_last memory always; the device converts).")
     on_bad_sample: Literal["skip", "raise"] = Field(
         "skip", description="A sample that fails to decode or a bad shard: skip and count it, or raise.")
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="The most pixels (width x height, from the image's header) a sample may "
+        "have; a larger one is a bad sample (data.on_bad_sample), refused before any decoder allocates for it. "
+        "The default is Pillow's MAX_IMAGE_PIXELS; Pillow refuses twice that in its (non-JPEG) path whatever "
+        "this says.")
     verify_sha256: bool = Field(False, description="Check each shard's sha256 against the manifest on read.")
     backend: Literal["webdataset", "dali"] = Field(
         "webdataset", description="webdataset = rtrain's CPU loader; dali = NVIDIA DALI GPU decoding (CUDA only).")

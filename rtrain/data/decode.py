@@ -53,6 +53,12 @@ FAST_DENOMINATORS = (8, 4, 2, 1)
 FAST_UPSAMPLE = True
 FAST_DCT = True
 _FAST_COLORSPACES = ("YCbCr", "Gray")
+# The most pixels a header may claim (data.max_image_pixels): Pillow's own MAX_IMAGE_PIXELS (it warns above it and
+# refuses twice as many); ImageNet's files average 468 x 401. A decode of that many RGB pixels needs ~270 MB.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The only formats Pillow may open (the fallback decoder): what ImageNet holds (JPEG, CMYK JPEG, a PNG named
+# .JPEG). Other formats' plugins are never asked (EPS would run Ghostscript where installed).
+OPENED_FORMATS = ("JPEG", "PNG")
 
 
 def libjpeg_candidates() -> list[str]:
@@ -149,20 +155,28 @@ class SourceImage:
     jpeg_fast: bool
 
 
-def probe(data: bytes) -> SourceImage:
-    """Read the image size without decoding pixels."""
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SourceImage:
+    """Read the image size without decoding pixels; refuse an image whose header claims more than
+    `max_pixels` (data.max_image_pixels) before any decoder allocates for it: a few hundred bytes can claim
+    65500 x 65500 pixels, gigabytes per decode."""
+    fast = False
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace in _FAST_COLORSPACES:
-            return SourceImage(data, width, height, True)
+        fast = colorspace in _FAST_COLORSPACES
     except ValueError:
         pass
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception as exc:  # Pillow raises many types for garbage input
-        raise DecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
-    return SourceImage(data, width, height, False)
+    if not fast:
+        try:
+            with Image.open(io.BytesIO(data), formats=OPENED_FORMATS) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as exc:  # over twice Pillow's own limit, whatever the recipe says
+            raise DecodeError(f"not decoded: {exc} (data.max_image_pixels: {max_pixels:,})") from None
+        except Exception as exc:  # Pillow raises many types for garbage input
+            raise DecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        raise DecodeError(f"the header claims {width} x {height} = {width * height:,} pixels, over "
+                          f"data.max_image_pixels ({max_pixels:,}): not decoded")
+    return SourceImage(data, width, height, fast)
 
 
 def decode_denominator(view: View) -> int:
@@ -200,7 +214,7 @@ def decode_scaled(source: SourceImage, denominator: int, buffer: PixelBuffer | N
         except ValueError:
             pass  # e.g. a damaged but partly readable file: let Pillow try
     try:
-        with Image.open(io.BytesIO(source.data)) as image:
+        with Image.open(io.BytesIO(source.data), formats=OPENED_FORMATS) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (min_w, min_h))
             return np.array(image.convert("RGB"))

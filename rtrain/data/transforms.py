@@ -53,6 +53,7 @@ class TransformConfig(Protocol):
     scale_max: int
     pca_lighting: float
     eval_transform: str
+    max_image_pixels: int
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:

@@ -127,7 +127,7 @@ class WholeImageLoader:
             raise SampleError(f"{where}: missing field(s) {missing}")
         try:
             label = decode_label(sample.fields[keys.label], keys, self.manifest.classes)
-            source = probe(sample.fields[keys.image])
+            source = probe(sample.fields[keys.image], self.cfg.max_image_pixels)
             pixels = decode_scaled(source, whole_image_denominator(source, self.min_shorter_side))
         except (UnicodeDecodeError, ValueError, DecodeError) as exc:
             raise SampleError(f"{where}: {exc}") from exc

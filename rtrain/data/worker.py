@@ -292,7 +292,7 @@ class SlotReader:
         if not 0 <= label < num_classes:
             raise SampleError(f"{where}: label {label} outside 0..{num_classes - 1} (key {keys.label})")
         try:
-            source = probe(sample.fields[keys.image])
+            source = probe(sample.fields[keys.image], task.transform.max_image_pixels)
             view = make_view(task.transform, task.geometry.layout.train, task.seed, task.epoch, sample.key,
                              source.width, source.height)
             render(source, view, self.pixels, out)
