@@ -21,7 +21,7 @@ from rtrain.data.pipeline import ShardLoader
 from rtrain.data.prefetch import DevicePrefetcher
 from rtrain.data.sources import ShardError
 from rtrain.data.whole import WholeImageLoader
-from rtrain.data.worker import SampleError
+from rtrain.data.worker import LoaderStall, SampleError
 
 
 def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
@@ -66,5 +66,5 @@ def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size:
                         train=False)
 
 
-__all__ = ["DecodeError", "DevicePrefetcher", "SampleError", "ShardError", "ShardLoader", "WholeImageLoader",
-           "build_eval_loader", "build_loader", "steps_per_epoch"]
+__all__ = ["DecodeError", "DevicePrefetcher", "LoaderStall", "SampleError", "ShardError", "ShardLoader",
+           "WholeImageLoader", "build_eval_loader", "build_loader", "steps_per_epoch"]

@@ -36,7 +36,7 @@ from rtrain.data.plan import (
 )
 from rtrain.data.sources import ShardSource
 from rtrain.data.state import LoaderState, parse_state
-from rtrain.data.worker import EpochTask, RankBatches
+from rtrain.data.worker import EpochTask, LoaderStall, RankBatches
 
 
 class ShardLoader:
@@ -194,7 +194,7 @@ class EpochIterator:
     def __init__(self, loader: ShardLoader):
         self.loader = loader
         loader._held_ahead = 0
-        task = loader._task()
+        task = self.task = loader._task()
         if loader.ledger is not None:
             state = loader._state
             loader.ledger.start(state.epoch, len(state.history), state.batches_done, state.history,
@@ -210,6 +210,7 @@ class EpochIterator:
             self._items = iter(DataLoader(
                 RankBatches(task, self._pool), batch_size=None, collate_fn=_as_produced,
                 num_workers=cfg.num_workers, pin_memory=self._pin, persistent_workers=False,
+                timeout=cfg.loader_timeout_s if cfg.num_workers > 0 else 0,
             ))
 
     def __iter__(self) -> EpochIterator:
@@ -218,7 +219,7 @@ class EpochIterator:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.loader._state
         while True:
-            images, labels, ids, tally = next(self._items)
+            images, labels, ids, tally = self._next_item()
             state.add_skips(tally.counts, tally.by_shard)
             if tally.failure is not None:  # on_bad_sample: raise, from a worker (see rtrain.data.worker)
                 raise tally.failure
@@ -232,6 +233,19 @@ class EpochIterator:
                     self.loader.ledger.record(state.epoch, len(state.history), state.batches_done, ids)
                 state.batches_done += 1
                 return images, labels
+
+    def _next_item(self) -> tuple:
+        try:
+            return next(self._items)
+        except RuntimeError as exc:
+            if "timed out" not in str(exc):
+                raise
+            task, cfg = self.task, self.loader.cfg
+            shards = ", ".join(e.name for e in task.shards[:4]) + (" ..." if len(task.shards) > 4 else "")
+            raise LoaderStall(
+                f"rank {task.rank}: no batch from its {cfg.num_workers} loader worker process(es) in "
+                f"{cfg.loader_timeout_s:g} s (data.loader_timeout_s): a worker is stuck reading or decoding; "
+                f"epoch {task.epoch}, rank batch {self.loader._state.batches_done}, shards {shards}") from None
 
     def hold_ahead(self, batches: int) -> None:
         """A prefetcher holds `batches` already taken from this iterator but not yet given to the caller."""

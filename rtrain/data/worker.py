@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rtrain._errors import ExpectedError
+from rtrain._process import die_with_parent
 from rtrain.data.batchpool import BatchPool, PooledBatch, shared_uint8
 from rtrain.data.decode import DecodeError, PixelBuffer, probe, render
 from rtrain.data.format import SampleKeys, ShardEntry, decode_label
@@ -44,6 +46,10 @@ log = logging.getLogger("rtrain.data")
 
 class SampleError(ExpectedError, ValueError):
     """A sample cannot be used (undecodable image, missing field, bad label); names shard and key."""
+
+
+class LoaderStall(ExpectedError, RuntimeError):
+    """A rank's loader worker processes delivered nothing for data.loader_timeout_s; names rank and shards."""
 
 
 @dataclass
@@ -159,9 +165,12 @@ class RankBatches(IterableDataset):
         super().__init__()
         self.task = task
         self.pool = pool
+        self.rank_pid = os.getpid()  # the rank's process, which starts the worker processes
 
     def __iter__(self) -> Iterator[tuple[Any, Any, Any, Tally]]:
         info = get_worker_info()
+        if info is not None:  # a worker process dies with its rank, even while busy in a decode
+            die_with_parent(self.rank_pid)
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         task = self.task
         slots = task.geometry.layout.slots_per_rank

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtrain._errors import DEBUG_ENV, one_line
+from rtrain._process import die_with_parent
 from rtrain.config import Recipe
 from rtrain.launch.errors import EXPECTED_ERRORS, LaunchError
 from rtrain.launch.signals import LauncherSignals
@@ -82,25 +83,14 @@ def node_slot(world_size: int) -> NodeSlot:
     return NodeSlot(world_size, nnodes, node_rank, os.environ["MASTER_ADDR"], master_port)
 
 
-def _die_with_the_launcher(launcher_pid: int) -> None:
-    """SIGKILL this rank when the launcher dies, however it dies (Linux PR_SET_PDEATHSIG): a rank must never
-    train on as an orphan, writing checkpoints into a folder a restarted job uses."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != launcher_pid:  # it died before the line above took effect
-        os._exit(1)
-
-
 def rank_main(argv: list[str]) -> int:
     """Entry point of one local rank: run the worker, local rank 0 writes its summary, failures write an
     error file."""
     reference, recipe_path, exchange_dir = argv
     rank = int(os.environ["RANK"])
     exchange = Path(exchange_dir)
-    _die_with_the_launcher(int(os.environ[LAUNCHER_PID_ENV]))
+    # A rank must never train on as an orphan, writing checkpoints into a folder a restarted job uses.
+    die_with_parent(int(os.environ[LAUNCHER_PID_ENV]))
     try:
         result = load_worker(reference)({"recipe_yaml": Path(recipe_path).read_text()})
         if int(os.environ["LOCAL_RANK"]) == 0:  # this node's first rank speaks for the node

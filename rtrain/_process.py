@@ -1,0 +1,21 @@
+"""Process lifetime shared by the launcher's ranks and the loader's worker processes: a child that must not
+outlive its parent. Standard library only: every layer of rtrain may import this."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies, however the parent dies (Linux PR_SET_PDEATHSIG); exit at once
+    when the parent is already gone. The signal follows the parent's thread that started this process: call it
+    in children started by a thread that lives as long as the parent (the main thread)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the line above took effect
+        os._exit(1)
