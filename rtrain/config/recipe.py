@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from rtrain.config.redact import drop_redacted, redact_tree
 from rtrain.config.sections import (
     AnalysisConfig,
     CheckpointConfig,
@@ -81,8 +82,14 @@ class Recipe(Section):
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, secrets: bool = False) -> str:
+        """The recipe as YAML, fit to be written down (credentials redacted: rtrain.config.redact); with
+        `secrets` the real values, for handing the recipe to the run's own workers only."""
+        return yaml.safe_dump(self.model_dump(mode="json") if secrets else self.record(), sort_keys=False)
+
+    def record(self) -> dict[str, Any]:
+        """The recipe as a JSON-like tree with credentials redacted: what MLflow, checkpoints and logs get."""
+        return redact_tree(self.model_dump(mode="json"))
 
     def with_overrides(self, overrides: list[str]) -> "Recipe":
         return recipe_from_dict(apply_overrides(self.model_dump(mode="json"), overrides), where="overrides")
@@ -225,7 +232,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of sections, got {type(raw).__name__}")
-    return recipe_from_dict(apply_overrides(raw, overrides or []), where=str(path))
+    # A recorded recipe (resolved_recipe.yaml) holds *** for credentials: those come from the environment or
+    # the overrides instead.
+    return recipe_from_dict(apply_overrides(drop_redacted(raw), overrides or []), where=str(path))
 
 
 def loads_recipe(text: str, where: str = "recipe") -> Recipe:
@@ -233,4 +242,4 @@ def loads_recipe(text: str, where: str = "recipe") -> Recipe:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{where}: not valid YAML ({exc})") from None
-    return recipe_from_dict(raw or {}, where=where)
+    return recipe_from_dict(drop_redacted(raw or {}), where=where)

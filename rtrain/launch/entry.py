@@ -16,6 +16,7 @@ import sys
 
 from rtrain._errors import DEBUG_ENV
 from rtrain.config import Recipe, RecipeError, load_recipe
+from rtrain.config.redact import redact_url
 from rtrain.launch.preflight import PreflightError, preflight
 from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
 from rtrain.launch.signals import exit_code_for
@@ -35,7 +36,7 @@ def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int 
     if d.launcher == "local":
         from rtrain.launch.local import launch_local
 
-        return launch_local(recipe, worker_fn, recipe_path)
+        return launch_local(recipe, worker_fn)
     from rtrain.launch.ray import launch_ray
 
     return launch_ray(recipe, worker_fn, recipe.dist.max_failures if max_failures is None else max_failures)
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         preflight(prepare_recipe(recipe), data=worker_fn is None)
         summary = launch(recipe, worker_fn, max_failures=args.max_failures)
     except RecipeError as exc:
-        print(exc, file=sys.stderr)
+        print(redact_url(str(exc)), file=sys.stderr)
         return 2
     except PreflightError as exc:
-        print("\n".join(f"rtrain: {line}" for line in exc.problems), file=sys.stderr)
+        print("\n".join(f"rtrain: {redact_url(line)}" for line in exc.problems), file=sys.stderr)
         return 2
     except LaunchError as exc:
-        print(f"rtrain: {exc}", file=sys.stderr)
+        print(f"rtrain: {redact_url(str(exc))}", file=sys.stderr)
         return 1
     if summary.get("rank", 0) != 0:  # another node's share of a multi-node local launch: node 0 reports
         return exit_code_for(summary.get("signal")) if summary.get("preempted") else 0
@@ -98,7 +99,7 @@ def _print_closing(recipe: Recipe, summary: dict) -> None:
     if summary.get("checkpoint"):
         lines.append(f"last checkpoint {summary['checkpoint']}")
     if recipe.tracking.enabled and summary.get("run_id"):
-        uri = recipe.tracking.uri
+        uri = redact_url(recipe.tracking.uri)
         view = f"mlflow ui --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else uri
         lines.append(f"MLflow run {summary['run_id']} (experiment {recipe.tracking.experiment!r}): {view}")
     print("\n".join(f"rtrain: {line}" for line in lines), file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ from rtrain._errors import DEBUG_ENV, one_line
 from rtrain._process import die_with_parent
 from rtrain.config import Recipe
 from rtrain.launch.errors import EXPECTED_ERRORS, LaunchError
+from rtrain.launch.recipe import write_private
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
     LOOPBACK,
@@ -202,13 +203,15 @@ def _wait_all_or_first_failure(procs: list[subprocess.Popen], exchange: Path, st
     return _root_cause(_failed_ranks(procs, first_rank), exchange)
 
 
-def launch_local(recipe: Recipe, worker_fn: WorkerFn, recipe_path: Path) -> dict:
+def launch_local(recipe: Recipe, worker_fn: WorkerFn) -> dict:
     """Run dist.num_workers ranks as processes here; the first failing rank stops all the others."""
     reference = worker_reference(worker_fn)
     slot = node_slot(recipe.dist.num_workers)
     signals = LauncherSignals(recipe.run_dir, recipe.checkpoint.preempt_grace_s)
     with tempfile.TemporaryDirectory(prefix="rtrain-launch-") as tmp, signals.installed() as stop:
-        exchange = Path(tmp)
+        exchange = Path(tmp)  # 0700, removed at the end: the ranks' copy of the recipe keeps its credentials
+        recipe_path = exchange / "recipe.yaml"
+        write_private(recipe_path, recipe.to_yaml(secrets=True))
         procs: list[subprocess.Popen] = []
         try:
             procs = _start_ranks(reference, recipe_path, exchange, slot)

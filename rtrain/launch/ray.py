@@ -133,7 +133,7 @@ def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
     try:
         trainer = TorchTrainer(
             worker_fn,
-            train_loop_config={"recipe_yaml": recipe.to_yaml()},
+            train_loop_config={"recipe_yaml": recipe.to_yaml(secrets=True)},  # to the workers only
             scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                          resources_per_worker={"CPU": d.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),

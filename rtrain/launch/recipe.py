@@ -3,6 +3,7 @@ written beside the run's outputs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from rtrain.config import Recipe, RecipeError, recipe_from_dict
@@ -55,7 +56,16 @@ def prepare_recipe(recipe: Recipe, base: Path | None = None) -> Recipe:
 
 
 def write_resolved_recipe(recipe: Recipe) -> Path:
+    """The run's record of its recipe (credentials redacted), readable by its owner only."""
     recipe.run_dir.mkdir(parents=True, exist_ok=True)
     path = recipe.run_dir / RESOLVED_RECIPE_NAME
-    path.write_text(recipe.to_yaml())
+    write_private(path, recipe.to_yaml())
     return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` into a file created 0600 (an existing one is made 0600 before it is rewritten)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rtrain.config.redact import redact_url
 from rtrain.tracking.null import (
     TERMINAL_STATUSES,
     TRACKER_STATE_VERSION,
@@ -372,13 +373,14 @@ def build_tracker(recipe: Recipe, rank: int, resume_state: Mapping[str, Any] | N
     if rank != 0 or not tracking.enabled:
         return NullTracker()
     os.environ.update(http_environment(tracking))  # MLflow reads them on every request it makes
+    tags = {key: redact_url(str(value)) for key, value in {**tracking.tags, **(run_tags or {})}.items()}
     tracker = MlflowTracker(
-        tracking.uri, tracking.experiment, recipe.run.name, {**tracking.tags, **(run_tags or {})},
+        tracking.uri, tracking.experiment, recipe.run.name, tags,
         run_id=run_id_from_state(resume_state), outbox=recipe.run_dir / OUTBOX_DIR / OUTBOX_NAME,
         reconnect_every_s=tracking.reconnect_every_s, resumes=resumes_from_state(resume_state),
         resume_step=resume_step,
         system_metrics_interval_s=tracking.system_metrics_interval_s if tracking.system_metrics else None)
     if log_recipe:
-        tracker.log_params(flatten_params(recipe.model_dump(mode="json")))
+        tracker.log_params(flatten_params(recipe.record()))  # credentials redacted
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     return tracker

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rtrain.config import TrackingConfig
+from rtrain.config.redact import redact_url
 
 TAG_VERSION = "rtrain.version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own key: the UI shows it on the run page
@@ -83,7 +84,7 @@ def describe_run(world_size: int, steps_per_epoch: int | None = None) -> dict[st
 def error_text(error: BaseException | str) -> str:
     """One line naming the error, within MLflow's tag limit."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = " ".join(text.split())
+    text = redact_url(" ".join(text.split()))
     return text if len(text) <= ERROR_TAG_LIMIT else text[: ERROR_TAG_LIMIT - 3] + "..."
 
 

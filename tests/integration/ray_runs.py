@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS = 14  # 1437 digits / global batch 128 = 11 steps per epoch: a stop at step 3..10 is mid-epoch 0, epoch 1 follows
 
 
+# Credentials the reference run (conftest.py) is launched with and test_secrets.py looks for in what it wrote:
+# fsspec keys (a local data.source ignores them) and a token in a tag's URL.
+SECRETS = ("AKIAFAKE0REFERENCE0", "s3cr3t-reference-VALUE", "ghp_FAKE0reference0token")
+SECRET_OVERRIDES = (f"data.storage_options={{aws_access_key_id: {SECRETS[0]}, aws_secret_access_key: {SECRETS[1]}}}",
+                    f"tracking.tags={{origin: 'https://ci:{SECRETS[2]}@git.example/r.git'}}")
+
+
 def run_env(**extra: str) -> dict[str, str]:
     """The environment of a launched run: no RAY_ADDRESS of the caller's, and one intra-op thread per rank as
     Ray gives each 1-CPU worker, so a local run does the same float sums as a Ray or SLURM run on any machine

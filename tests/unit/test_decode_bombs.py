@@ -75,11 +75,12 @@ def test_other_formats_are_never_opened() -> None:
 def test_refusing_costs_no_memory_in_a_fresh_process() -> None:
     """Peak memory of a fresh process that probes and decodes a progressive bomb as the loader does: with the
     limit no more than probing nothing; with the limit raised past the claim, libjpeg's allocation shows."""
-    code = ("import resource, sys; from test_decode_bombs import jpeg_bomb; "
+    # VmHWM, the peak of this process's own memory: ru_maxrss would start at the forking parent's size
+    code = ("import sys; from test_decode_bombs import jpeg_bomb; "
             "from rtrain.data.decode import probe, decode_scaled, DecodeError\n"
             "try: decode_scaled(probe(jpeg_bomb(True), int(sys.argv[1])), 8) if sys.argv[1] != '0' else None\n"
             "except DecodeError: pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))")
     peaks = {}
     for what, limit in (("nothing", 0), ("limited", DEFAULT_MAX_IMAGE_PIXELS), ("unlimited", 10**12)):
         done = subprocess.run([sys.executable, "-c", code, str(limit)], capture_output=True, text=True,
