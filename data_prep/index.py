@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result.where}: {len(manifest.shards)} shards, {manifest.num_samples} samples, "
           f"{manifest.num_classes} classes, image key {manifest.keys.image!r}, label key {manifest.keys.label!r}"
           + (f" field {manifest.keys.label_field!r}" if manifest.keys.label_field else "")
-          + (f", shards at {manifest.shard_root}" if manifest.shard_root else ""))
+          + (f", shards at {manifest.shard_root} (outside the index: train with "
+             f"data.allowed_shard_roots=[{manifest.shard_root}])" if manifest.shard_root else ""))
     return 0
 
 

@@ -50,7 +50,8 @@ def _evaluate(source: CheckpointModel, args: argparse.Namespace) -> dict[str, An
         raise CommandError(f"ten_crop: data.eval_resize={data.eval_resize} is smaller than the crop "
                            f"data.image_size={data.image_size}")
     try:
-        manifest = ShardSource(data.source, data.val_split).read_manifest()
+        shards = ShardSource(data.source, data.val_split, data.storage_options, data.allowed_shard_roots)
+        manifest = shards.read_manifest()
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise CommandError(f"data: {exc}") from None
     classes = getattr(getattr(source.model, "fc", None), "out_features", None)

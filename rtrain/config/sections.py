@@ -56,6 +56,10 @@ class DataConfig(Section):
         default_factory=dict, description="fsspec options for s3:// and other fsspec sources, passed as is "
         "(e.g. {endpoint_url: http://minio:9000} or {anon: true}). Credentials and the endpoint normally come from "
         "the standard AWS_* environment variables; keep secrets out of recipes (the recipe is logged to MLflow).")
+    allowed_shard_roots: list[str] = Field(
+        default_factory=list, description="Locations outside data.source that a manifest's shard_root may point "
+        "to (paths or URL prefixes). A manifest is data, not directions: by default its shards must lie under "
+        "data.source.")
     train_split: str = Field("train", description="Split folder used for training.")
     val_split: str = Field("val", description="Split folder used for evaluation.")
     num_workers: int = Field(2, ge=0, description="Loader worker processes per rank (0 = in-process).")

@@ -28,6 +28,8 @@ from typing import Any
 from rtrain._io import sha256_file  # noqa: F401  (re-exported: data_prep, benchmarks and tests import it from here)
 
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is read into memory whole: ImageNet's train split's is ~200 KB
+TAR_BLOCK = 512  # every sample takes at least one tar header block: a shard of B bytes holds <= B / 512
 MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 SAMPLE_FIELDS = ("jpg", "cls")  # what data_prep's own shards hold (SampleKeys' defaults)
@@ -114,7 +116,7 @@ class Manifest:
             root = raw.get("shard_root")
             return cls(
                 split=str(raw["split"]),
-                shards=[ShardEntry(**s) for s in raw["shards"]],
+                shards=[checked_entry(s, i) for i, s in enumerate(raw["shards"])],
                 classes={str(k): int(v) for k, v in raw["classes"].items()},
                 converted={str(k): int(v) for k, v in raw.get("converted", {}).items()},
                 quarantined=[QuarantinedFile(**q) for q in raw.get("quarantined", [])],
@@ -143,6 +145,43 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: cannot parse manifest ({exc})") from exc
         return cls.from_dict(raw, where=where)
+
+
+def checked_entry(raw: dict[str, Any], index: int) -> ShardEntry:
+    """A manifest's shard entry, taken as data, not as directions: a plain relative name (sub-folders allowed,
+    nothing absolute, no `..`, no URL), a count and a size that can be true of each other, a sha256 in hex."""
+    entry = ShardEntry(**raw)
+    what = f"shards[{index}] ({str(entry.name)[:80]!r})"
+    if not is_plain_name(entry.name):
+        raise ValueError(f"{what}: a shard name is a plain relative path inside the shard root")
+    for key in ("count", "bytes"):
+        value = getattr(entry, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{what}: {key} {value!r} is not a count")
+    if entry.count * TAR_BLOCK > entry.bytes:
+        raise ValueError(f"{what}: {entry.count} samples cannot fit in {entry.bytes} bytes")
+    if not isinstance(entry.sha256, str) or (entry.sha256 and not _is_hex_digest(entry.sha256)):
+        raise ValueError(f"{what}: sha256 {str(entry.sha256)[:80]!r} is not a hex digest")
+    return entry
+
+
+def is_plain_name(name: Any) -> bool:
+    """`train-000001.tar` or `sub/dir/x.tar`: relative, normalized, no `..`, no scheme, no control bytes."""
+    if not isinstance(name, str) or not name or len(name) > 1024 or "://" in name or "\\" in name:
+        return False
+    if name.startswith("/") or any(ord(c) < 32 for c in name):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _is_hex_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
+
+
+def root_is_within(root: str, base: str) -> bool:
+    """Whether the shard root `root` (a path or URL, normalized) lies inside `base` (data.source)."""
+    root, base = root.rstrip("/"), base.rstrip("/")
+    return root == base or root.startswith(base + "/")
 
 
 def encode_cls(index: int) -> bytes:

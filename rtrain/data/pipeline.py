@@ -48,7 +48,7 @@ class ShardLoader:
             raise ValueError(f"loader: batch_size must be positive, got {batch_size}")
         self.cfg, self.split, self.rank, self.train = cfg, split, rank, train
         self.seed = int(seed)
-        self.source = ShardSource(cfg.source, split, cfg.storage_options)
+        self.source = ShardSource(cfg.source, split, cfg.storage_options, cfg.allowed_shard_roots)
         self.manifest = self.source.read_manifest()
         counts = [entry.count for entry in self.manifest.shards]
         self._offsets = shard_offsets(counts)

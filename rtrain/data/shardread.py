@@ -120,6 +120,7 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    _check_member_size(member.name, member.size)
     handle = tar.extractfile(member)
     if handle is None:
         return b""
@@ -145,6 +146,7 @@ def _file_members(tar: tarfile.TarFile) -> Iterator[Member]:
 BLOCK = 512
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular files (and contiguous ones); directories, links, pax globals: skipped
 MAX_LONG_NAME = 4096  # bytes of a GNU long name (PATH_MAX)
+MAX_MEMBER_BYTES = 256 << 20  # one field of one sample, read into memory whole (ImageNet's largest JPEG: <1 MB)
 MAX_PAX_RECORDS = 64 * 1024  # bytes of one member's pax records (path, size, times: a few hundred in practice)
 
 
@@ -245,8 +247,15 @@ def _local_members(fileobj: io.BufferedReader) -> Iterator[Member]:
         fileobj.seek(offset)
 
 
+def _check_member_size(name: str, size: int) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise tarfile.ReadError(f"member {name[:200]} claims {size:,} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB "
+                                "a sample's field may have")
+
+
 def _read_exact(fileobj: io.BufferedReader, name: str, size: int, left: int) -> bytes:
     """The member's data; never more than the file holds, whatever its header claims."""
+    _check_member_size(name, size)
     data = fileobj.read(min(size, left))
     if len(data) != size:
         raise EOFError(f"member {name} truncated ({len(data)} of {size} bytes)")

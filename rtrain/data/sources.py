@@ -13,29 +13,50 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO
 
-from rtrain.data.format import MANIFEST_NAME, Manifest, ShardEntry, resolve_shard_root, sha256_file
+from rtrain.data.format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ShardEntry,
+    resolve_shard_root,
+    root_is_within,
+    sha256_file,
+)
 from rtrain.data.stores import ShardError, is_http, is_remote, open_stream
 
 __all__ = ["ShardError", "ShardSource"]
 
 
+def _normalized(location: str) -> str:
+    """A path or URL with `.` and `..` resolved (a URL's scheme and host kept)."""
+    scheme, sep, path = location.rpartition("://")
+    if sep:
+        host, slash, rest = path.partition("/")
+        return f"{scheme}://{host}" + (posixpath.normpath("/" + rest) if slash and rest else "")
+    return posixpath.normpath(location)
+
+
 class ShardSource:
     """Opens the manifest and the shards of one split. `read_manifest` also sets `shard_root`."""
 
-    def __init__(self, source: str, split: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, source: str, split: str, storage_options: dict[str, Any] | None = None,
+                 allowed_roots: Sequence[str] = ()):
         if not source:
             raise ValueError("data.source is empty: give a shard directory or a URL prefix (http(s)://, s3://)")
         root = source.removeprefix("file://")
+        self.base = _normalized(root.rstrip("/"))
         self.split = split
         self.location = f"{root.rstrip('/')}/{split}"
         self.shard_root = self.location
         self.storage_options = dict(storage_options or {})
+        self.allowed_roots = [_normalized(r.removeprefix("file://").rstrip("/")) for r in allowed_roots]
 
     @property
     def remote(self) -> bool:
@@ -52,8 +73,15 @@ class ShardSource:
             manifest = Manifest.load(where)
         else:
             with open_stream(where, self.storage_options) as stream:
-                manifest = Manifest.loads(stream.read().decode("utf-8"), where=where)
-        self.shard_root = resolve_shard_root(self.location, manifest.shard_root)
+                text = stream.read(MAX_MANIFEST_BYTES + 1)
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"{where}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+            manifest = Manifest.loads(text.decode("utf-8", "replace"), where=where)
+        shard_root = _normalized(resolve_shard_root(self.location, manifest.shard_root))
+        if not any(root_is_within(shard_root, base) for base in (self.base, *self.allowed_roots)):
+            raise ValueError(f"{where}: shard_root {manifest.shard_root!r} points to {shard_root}, outside "
+                             f"data.source ({self.base}); list it in data.allowed_shard_roots to read it")
+        self.shard_root = shard_root
         return manifest
 
     @contextmanager
@@ -91,10 +119,13 @@ class ShardSource:
 
     @contextmanager
     def _download_verified(self, entry: ShardEntry, where: str) -> Iterator[BinaryIO]:
-        digest = hashlib.sha256()
+        digest, size = hashlib.sha256(), 0
         with tempfile.TemporaryFile() as local:
             with open_stream(where, self.storage_options) as stream:
                 while block := stream.read(1 << 20):
+                    size += len(block)
+                    if size > entry.bytes:  # never more on disk than the manifest promised
+                        raise ShardError(f"shard {where}: longer than the {entry.bytes} bytes the manifest says")
                     digest.update(block)
                     local.write(block)
             if digest.hexdigest() != entry.sha256:

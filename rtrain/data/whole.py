@@ -43,7 +43,8 @@ class WholeImageLoader:
             raise ValueError(f"whole-image loader: batch_size must be positive, got {batch_size}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.batch_size, self.min_shorter_side = batch_size, min_shorter_side
-        self.source = ShardSource(cfg.source, split, getattr(cfg, "storage_options", None))
+        self.source = ShardSource(cfg.source, split, getattr(cfg, "storage_options", None),
+                                  getattr(cfg, "allowed_shard_roots", ()))
         self.manifest = self.source.read_manifest()
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._damaged_shards: set[str] = set()

@@ -57,7 +57,8 @@ def check_data(recipe: Recipe) -> list[str]:
     data, problems = recipe.data, []
     for split in dict.fromkeys((data.train_split, data.val_split)):
         try:
-            manifest = ShardSource(data.source, split, data.storage_options).read_manifest()
+            source = ShardSource(data.source, split, data.storage_options, data.allowed_shard_roots)
+            manifest = source.read_manifest()
         except Exception as exc:  # noqa: BLE001 - missing file, HTTP, S3, bad JSON: all end as one line
             problems.append(f"data.source={data.source!r}: split {split!r} has no readable manifest "
                             f"({_one_line(exc)}); build one with `python -m data_prep.imagenet` or "

@@ -53,7 +53,9 @@ def test_other_key_names_in_a_read_only_mirror(tmp_path: Path, style: str, keys:
     manifest = Manifest.load(tmp_path / "idx" / "val" / "manifest.json")
     assert manifest.keys == keys and manifest.format_version == 2
     assert manifest.shard_root == str(mirror) and [s.name for s in manifest.shards] == ["a/x-0.tar", "b/x-1.tar"]
-    labels, levels = read_epoch(small_cfg(tmp_path / "idx"), split="val")
+    with pytest.raises(ValueError, match=r"shard_root .* outside data.source .* data.allowed_shard_roots"):
+        read_epoch(small_cfg(tmp_path / "idx"), split="val")  # a manifest does not send the loader elsewhere
+    labels, levels = read_epoch(small_cfg(tmp_path / "idx", allowed_shard_roots=[str(mirror)]), split="val")
     assert sorted(labels) == list(range(13))
     assert_labels_match_images(labels, levels)
     assert verify_split(tmp_path / "idx" / "val") == []  # data_prep.verify re-checks against the same keys
@@ -69,7 +71,7 @@ def test_classes_file_of_wnids_and_relative_shard_root(tmp_path: Path) -> None:
     assert list(raw["classes"])[:2] == ["n00000000", "n00000001"] and len(raw["classes"]) == 12
     raw["shard_root"] = "../../shards"  # relative to the manifest's folder: moves with both
     manifest_path.write_text(json.dumps(raw))
-    labels, levels = read_epoch(small_cfg(tmp_path / "idx"))
+    labels, levels = read_epoch(small_cfg(tmp_path / "idx", allowed_shard_roots=[str(tmp_path / "shards")]))
     assert sorted(labels) == list(range(10))
     assert_labels_match_images(labels, levels)
 

@@ -2,7 +2,9 @@
 or non-numeric pax size, a base-256 size of 2^80 or a negative one, a GNU long name claiming 8 GiB. Each ends
 as ShardDamage naming the shard (the samples before it delivered), through rtrain's own header reader (local
 shards) and through tarfile (streams), within seconds; and randomly damaged headers (hypothesis) always end
-in samples or damage for every wanted position, never in an exception or a loop."""
+in samples or damage for every wanted position, never in an exception or a loop. Manifests are data, not
+directions: entries that lie are refused by name, and a shard_root outside data.source needs the recipe's
+data.allowed_shard_roots."""
 
 from __future__ import annotations
 
@@ -147,3 +149,45 @@ def test_any_damaged_header_ends_in_samples_or_damage(tmp_path: Path, header: in
     for got in (read_local(path, 3), read_stream(bytes(data), 3)):
         assert not got or set(got) == {0, 1, 2}
         assert all(isinstance(item, (RawSample, ShardDamage)) for item in got.values())
+
+
+def _manifest(shards: list[dict], **extra) -> dict:
+    return {"version": 2, "split": "train", "shards": shards, "classes": {"a": 0}, **extra}
+
+
+GOOD_ENTRY = {"name": "train-000000.tar", "count": 3, "bytes": 10240, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"name": "/etc/passwd"}, "plain relative path"), ({"name": "../../elsewhere.tar"}, "plain relative path"),
+    ({"name": "s3://other-bucket/x.tar"}, "plain relative path"), ({"name": "a/./b.tar"}, "plain relative path"),
+    ({"count": 10**12}, "cannot fit"), ({"count": -1}, "not a count"), ({"bytes": "many"}, "not a count"),
+    ({"sha256": "not hex"}, "not a hex digest"),
+])
+def test_a_manifest_entry_that_lies_is_refused_by_name(change: dict, why: str) -> None:
+    from rtrain.data.format import Manifest
+
+    with pytest.raises(ValueError, match=rf"m.json: not a valid rtrain manifest .*shards\[0\].*{why}"):
+        Manifest.from_dict(_manifest([{**GOOD_ENTRY, **change}]), where="m.json")
+    assert Manifest.from_dict(_manifest([GOOD_ENTRY, {**GOOD_ENTRY, "name": "sub/dir/x.tar"}])).num_samples == 6
+
+
+@pytest.mark.parametrize("root", ["/srv/elsewhere", "../../outside", "s3://another-bucket/p"])
+def test_a_shard_root_outside_the_source_needs_the_recipe_s_word(tmp_path: Path, root: str) -> None:
+    import json
+
+    from rtrain.data.sources import ShardSource
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "manifest.json").write_text(json.dumps(_manifest([GOOD_ENTRY], shard_root=root)))
+    with pytest.raises(ValueError, match=r"outside data.source .* data.allowed_shard_roots"):
+        ShardSource(str(tmp_path / "data"), "train").read_manifest()
+    resolved = str(tmp_path) + "/outside" if root.startswith("..") else root
+    allowed = ShardSource(str(tmp_path / "data"), "train", allowed_roots=[resolved])
+    allowed.read_manifest()
+    assert allowed.shard_root == resolved
+    (tmp_path / "data" / "train" / "manifest.json").write_text(json.dumps(_manifest([GOOD_ENTRY],
+                                                                                    shard_root="../mirror")))
+    inside = ShardSource(str(tmp_path / "data"), "train")
+    inside.read_manifest()  # ../mirror from data/train/ is data/mirror: inside data.source
+    assert inside.shard_root == str(tmp_path / "data" / "mirror")
