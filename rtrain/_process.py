@@ -1,11 +1,25 @@
-"""Process lifetime shared by the launcher's ranks and the loader's worker processes: a child that must not
-outlive its parent. Standard library only: every layer of rtrain may import this."""
+"""Process lifetime shared by the launchers, the ranks and the loader's worker processes: a child that must not
+outlive its parent; how a rank ended by the stall watchdog (rtrain.distributed.watchdog) exits and where it
+leaves its line. Standard library only: every layer of rtrain may import this."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+from pathlib import Path
+
+EXIT_STALLED = 76  # retryable, as EXIT_PREEMPTED (75): rerun the same command to resume
+HEARTBEATS_DIR = "heartbeats"
+STALLED_NOTE = "STALLED"
+
+
+def read_stall_note(run_dir: Path) -> str | None:
+    """The line the stall watchdog left when it ended a run, if it did."""
+    try:
+        return (Path(run_dir) / HEARTBEATS_DIR / STALLED_NOTE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -214,11 +214,21 @@ class DistConfig(Section):
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size.")
     static_graph: bool = Field(False, description="DDP static_graph.")
     ray_address: str | None = Field(None, description="Ray cluster address; None = local Ray or RAY_ADDRESS.")
+    stall_timeout_s: float = Field(
+        600.0, ge=0, description="A rank that makes no progress (no step, batch, save or eval phase change) for "
+        "this long ends the run on every rank with one line naming it and what it was doing; exit 76, "
+        "retryable (0 = off). Collectives time out this + 60 s after a peer stops answering.")
     max_failures: int = Field(
         0, ge=-1, description="Ray: restart the worker group this many times after a failure, resuming from the "
         "newest verified checkpoint (-1 = without limit).")
     launcher: Literal["ray", "local"] = Field(
         "ray", description="ray = Ray Train workers; local = plain torch.distributed processes on this host.")
+
+    @property
+    def collective_timeout_s(self) -> float:
+        """How long a collective waits for a peer: past the stall watchdog's timeout, so the watchdog's line
+        names the stalled rank first (torch's default of 30 minutes when the watchdog is off)."""
+        return self.stall_timeout_s + 60.0 if self.stall_timeout_s > 0 else 1800.0
 
 
 class CheckpointConfig(Section):

@@ -68,6 +68,9 @@ class FitParts:
     # Called by every rank after each completed epoch (after its eval) and once at the end, with the model
     # and TrainState: analyses such as layer responses (the composition root decides what runs and where).
     after_epoch: Callable[[torch.nn.Module, TrainState, bool], None] | None = None
+    # Told at every change of what this rank does ("waiting for data", "in the step", "saving", "evaluating")
+    # with the step: the stall watchdog's heartbeat (rtrain.distributed.watchdog).
+    progress: Callable[[str, int], None] | None = None
 
 
 def stateful_parts(parts: FitParts) -> list[stateful.Part]:
@@ -151,7 +154,9 @@ class _Fit:
         p, state = self.p, self.p.state
         every = p.checkpoint.every_steps
         tick = time.perf_counter()
+        self._progress("waiting for data")
         for images, labels in p.train_loader:
+            self._progress("in the step")
             lr = p.schedule.apply(p.backend.optimizer, state.step)
             result = p.train_step(images, labels)
             state.step += 1
@@ -173,7 +178,12 @@ class _Fit:
             if p.should_stop is not None and p.should_stop():
                 self.stopped = True
                 return state.step % p.steps_per_epoch == 0
+            self._progress("waiting for data")
         return True
+
+    def _progress(self, phase: str) -> None:
+        if self.p.progress is not None:
+            self.p.progress(phase, self.p.state.step)
 
     def _stop(self) -> dict[str, Any]:
         """Every rank agreed to stop after this step: checkpoint it, synchronously, and report."""
@@ -236,6 +246,7 @@ class _Fit:
 
     def _evaluate(self) -> None:
         p = self.p
+        self._progress("evaluating")
         result = p.evaluate(self._eval_model())
         p.state.last_top1 = result["top1"]
         p.state.best_top1 = max(p.state.best_top1, result["top1"])
@@ -251,9 +262,11 @@ class _Fit:
         if p.checkpointer is None or p.state.step == self.last_saved_step:
             return
         self.last_saved_step = p.state.step
+        self._progress("saving a checkpoint")
         shared, per_rank, meta = checkpoint_payload(p)
         meta["final"] = final
         p.checkpointer.save(p.state.step, shared, per_rank, meta)
+        self._progress("saved a checkpoint")
 
     def _summary(self) -> dict[str, Any]:
         s = self.p.state

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LaunchError as exc:
         print(f"rtrain: {redact_url(str(exc))}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     if summary.get("rank", 0) != 0:  # another node's share of a multi-node local launch: node 0 reports
         return exit_code_for(summary.get("signal")) if summary.get("preempted") else 0
     _print_closing(prepare_recipe(recipe), summary)

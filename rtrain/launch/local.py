@@ -23,7 +23,7 @@ from pathlib import Path
 from rtrain._errors import DEBUG_ENV, one_line
 from rtrain._process import die_with_parent
 from rtrain.config import Recipe
-from rtrain.launch.errors import EXPECTED_ERRORS, LaunchError
+from rtrain.launch.errors import EXPECTED_ERRORS, LaunchError, resume_hint, stalled_run_error
 from rtrain.launch.recipe import write_private
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.workers import (
@@ -217,7 +217,8 @@ def launch_local(recipe: Recipe, worker_fn: WorkerFn) -> dict:
             procs = _start_ranks(reference, recipe_path, exchange, slot)
             failure = _wait_all_or_first_failure(procs, exchange, stop, slot.first_rank)
             if failure:
-                raise LaunchError(_failure_message(*failure, exchange))
+                stalled = stalled_run_error(recipe.run_dir, resume_hint(recipe))
+                raise stalled or LaunchError(_failure_message(*failure, exchange))
         finally:
             _terminate(procs)
         summary_file = exchange / SUMMARY_FILE

@@ -13,12 +13,11 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 from rtrain.config import Recipe
 from rtrain.launch.reaper import guarded
 from rtrain.launch.signals import LauncherSignals
-from rtrain.launch.errors import LaunchError
+from rtrain.launch.errors import LaunchError, resume_hint, stalled_run_error
 from rtrain.launch.workers import WorkerFn, lost_a_peer, python_path
 
 # Set by Ray for the entrypoint of a job submitted with `ray job submit`.
@@ -76,22 +75,13 @@ def _ray_failure_message(exc: Exception, recipe: Recipe, max_failures: int) -> s
         cause = f"rank {rank} failed: {_first_line(failures[rank])}"
         if _refused_checkpoints(failures[rank]):  # its message says what to do; there is nothing to resume
             return f"Ray Train run {recipe.run.name!r} failed: {cause}"
-    return f"Ray Train run {recipe.run.name!r} failed: {cause}; {_resume_hint(recipe)}"
+    return f"Ray Train run {recipe.run.name!r} failed: {cause}; {resume_hint(recipe)}"
 
 
 def _refused_checkpoints(error: BaseException) -> bool:
     from rtrain.checkpoint import CheckpointsDamaged
 
     return isinstance(error, CheckpointsDamaged)
-
-
-def _resume_hint(recipe: Recipe) -> str:
-    from rtrain.checkpoint import CheckpointManager
-
-    saved = CheckpointManager(recipe.checkpoint_dir).list() if Path(recipe.checkpoint_dir).is_dir() else []
-    if not saved:
-        return "no checkpoint was saved yet"
-    return f"rerun the same command to resume from the newest verified checkpoint ({saved[0]})"
 
 
 @contextmanager
@@ -136,14 +126,16 @@ def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
             train_loop_config={"recipe_yaml": recipe.to_yaml(secrets=True)},  # to the workers only
             scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                          resources_per_worker={"CPU": d.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo",
+                                     timeout_s=int(d.collective_timeout_s)),
             run_config=RunConfig(name=recipe.run.name, storage_path=str(recipe.run_dir.resolve() / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
         with signals.installed(), _grace_watchdog(signals):
             result = trainer.fit()
     except TrainingFailedError as exc:
-        raise LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
+        stalled = stalled_run_error(recipe.run_dir, resume_hint(recipe))
+        raise stalled or LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
     except KeyboardInterrupt:  # raised by the watchdog: the grace period ran out
         raise LaunchError(f"after {signals.received} the workers did not checkpoint within "
                           f"checkpoint.preempt_grace_s={signals.grace_s:g} s; they were stopped") from None

@@ -10,7 +10,8 @@ The ranks then agree with one collective whether anyone asked (rtrain.distribute
 the same step and the checkpoint is never torn.
 
 Exit codes of `python -m rtrain.launch`: 0 done, 1 failed, 2 bad recipe, EXIT_PREEMPTED (75, EX_TEMPFAIL:
-"try again": rerun the same command to resume) after SIGTERM/SIGUSR1, EXIT_INTERRUPTED (130) after SIGINT.
+"try again": rerun the same command to resume) after SIGTERM/SIGUSR1, EXIT_INTERRUPTED (130) after SIGINT,
+EXIT_STALLED (76, rtrain._process: retryable too) when the stall watchdog ended the run.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any
 
+import torch
 
 from rtrain._errors import DEBUG_ENV
 from rtrain.checkpoint import CheckpointManager, Loaded
@@ -21,6 +22,7 @@ from rtrain.data.ledger import ledger_path
 from rtrain.distributed.agree import StepAgreement
 from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.distributed.factory import backend_from_config, place_model
+from rtrain.distributed.watchdog import StallWatchdog
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluator_from_config
 from rtrain.engine.loop import FitParts, fit, restore
@@ -39,7 +41,12 @@ log = logging.getLogger("rtrain.launch.worker")
 
 def _train(recipe: Recipe) -> dict[str, Any]:
     env = detect_env()
-    device = init_distributed(env, recipe.dist.use_gpu)
+    device = init_distributed(env, recipe.dist.use_gpu, timeout_s=recipe.dist.collective_timeout_s)
+    with StallWatchdog(recipe.run_dir, env.rank, env.world_size, recipe.dist.stall_timeout_s) as watchdog:
+        return _set_up_and_fit(recipe, env, device, watchdog)
+
+
+def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: StallWatchdog) -> dict[str, Any]:
     rank, world, data, train = env.rank, env.world_size, recipe.data, recipe.train
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
                                 batch_size=recipe.per_worker_batch, seed=recipe.run.seed, train=True,
@@ -64,7 +71,7 @@ def _train(recipe: Recipe) -> dict[str, Any]:
                              label_smoothing=train.label_smoothing),
         schedule=schedule, total_steps=total_steps, steps_per_epoch=epoch_steps, checkpointer=manager,
         rank=rank, ema=ModelEMA(model, train.ema_decay) if train.ema_decay else None,
-        meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested)
+        meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested, progress=watchdog.beat)
     loaded = _resume(recipe, manager)
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
