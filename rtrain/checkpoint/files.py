@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,9 +136,20 @@ def remove_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- reading
 
+MAX_JSON_BYTES = 64 << 20  # MANIFEST.json and meta.json are read into memory whole (a few KB in practice)
+
+
 def read_json_file(path: Path) -> Any:
-    with open(path, "rb") as file:
-        return json.loads(file.read().decode())
+    """A small JSON file of a checkpoint: a regular file, not followed through a symlink, not a FIFO (which
+    would block the open), within MAX_JSON_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{info.st_size:,} bytes, over {MAX_JSON_BYTES >> 20} MiB")
+        return json.loads(file.read(MAX_JSON_BYTES + 1).decode())
 
 
 def build_manifest(step: int, world_size: int, save_id: str, files: dict[str, FileDigest]) -> dict:
@@ -158,7 +170,7 @@ def read_manifest(ckpt_dir: Path) -> dict:
         manifest = read_json_file(manifest_path)
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir}: missing {MANIFEST_NAME}") from None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a symlink (ELOOP), a FIFO or a device, garbage
         raise CheckpointError(f"{ckpt_dir}: unreadable {MANIFEST_NAME}: {error}") from None
     problem = _manifest_problem(manifest)
     if problem:
@@ -212,9 +224,12 @@ def verify_sizes(ckpt_dir: Path, manifest: dict) -> None:
     for name, entry in manifest["files"].items():
         path = ckpt_dir / name
         try:
-            size = path.stat().st_size
+            info = path.lstat()
         except FileNotFoundError:
             raise CheckpointError(f"{ckpt_dir}: missing file {name}") from None
+        if not stat.S_ISREG(info.st_mode):  # never read through a symlink, never block on a FIFO
+            raise CheckpointError(f"{ckpt_dir}: file {name} is not a regular file (a symlink, FIFO or device)")
+        size = info.st_size
         if size != entry["size"]:
             raise CheckpointError(
                 f"{ckpt_dir}: file {name} has {size} bytes, manifest says {entry['size']} (truncated?)"

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
@@ -62,8 +63,32 @@ def future_format_version(step_dir):
     return "MANIFEST.json"
 
 
+def manifest_is_a_fifo(step_dir):
+    """A FIFO blocks whoever opens it for reading until a writer comes: it must be refused, not opened."""
+    path = step_dir / "MANIFEST.json"
+    path.unlink()
+    os.mkfifo(path)
+    return "MANIFEST.json"
+
+
+def meta_is_a_fifo(step_dir):
+    path = step_dir / "meta.json"
+    path.unlink()
+    os.mkfifo(path)
+    return "meta.json"
+
+
+def state_links_to_dev_zero(step_dir):
+    """A symlink to an endless file: never read through."""
+    path = step_dir / "shared" / "model.pt"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    return "shared/model.pt"
+
+
 DAMAGES = [truncate, flip_byte, flip_byte_in_meta, delete_file, delete_manifest, garble_manifest,
-           empty_manifest_file_list, future_format_version]
+           empty_manifest_file_list, future_format_version, manifest_is_a_fifo, meta_is_a_fifo,
+           state_links_to_dev_zero]
 
 
 def save_steps(manager, steps):
