@@ -97,9 +97,13 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None,
                  run_id: str | None = None, *, outbox: str | Path | None = None, reconnect_every_s: float = 60.0,
                  resumes: int = 0, resume_step: int | None = None,
-                 system_metrics_interval_s: float | None = None) -> None:
+                 system_metrics_interval_s: float | None = None,
+                 artifact_roots: tuple[str | Path, ...] | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        # The only folders whose files are uploaded, also when an outbox record (a file anyone could edit)
+        # names another path; None = no limit (a tracker outside a run).
+        self._artifact_roots = None if artifact_roots is None else [Path(r).resolve() for r in artifact_roots]
         self.uri = resolve_tracking_uri(uri)
         self._client: MlflowClient = MlflowClient(tracking_uri=self.uri)
         self._finished = False
@@ -314,6 +318,11 @@ class MlflowTracker:
             raise TrackingError(f"outbox record of unknown kind {kind!r}")
 
     def _send_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
+        real = path.resolve()
+        if self._artifact_roots is not None and not any(real.is_relative_to(r) for r in self._artifact_roots):
+            log.warning("artifact %s is outside the run's folders (%s); not sent to MLflow run %s", path,
+                        ", ".join(map(str, self._artifact_roots)), run_id)
+            return
         if path.is_dir():
             self._client.log_artifacts(run_id, str(path), artifact_path)
         elif path.is_file():
@@ -378,7 +387,7 @@ def build_tracker(recipe: Recipe, rank: int, resume_state: Mapping[str, Any] | N
         tracking.uri, tracking.experiment, recipe.run.name, tags,
         run_id=run_id_from_state(resume_state), outbox=recipe.run_dir / OUTBOX_DIR / OUTBOX_NAME,
         reconnect_every_s=tracking.reconnect_every_s, resumes=resumes_from_state(resume_state),
-        resume_step=resume_step,
+        resume_step=resume_step, artifact_roots=(recipe.run_dir, recipe.checkpoint_dir),
         system_metrics_interval_s=tracking.system_metrics_interval_s if tracking.system_metrics else None)
     if log_recipe:
         tracker.log_params(flatten_params(recipe.record()))  # credentials redacted

@@ -169,3 +169,27 @@ def test_compare_cli_says_when_nothing_matches(db_uri, tmp_path):
     listed = compare("--tracking-uri", db_uri, "--experiment", "cli", "--format", "csv", "--metric", "loss")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[0] == "run,run_id,status,final train/loss,best train/loss,final val/loss,best val/loss"
+
+
+def test_an_outbox_record_naming_a_file_outside_the_run_is_not_uploaded(db_uri, client, tmp_path):
+    """The outbox is a file in the run directory that anyone with access could edit: replaying it uploads only
+    files inside the run's own folders (run directory, checkpoint folder)."""
+    import json
+
+    recipe = _recipe(db_uri, "outbox-paths", root=tmp_path / "runs")
+    tracker = build_tracker(recipe, rank=0)
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("not for the tracking server\n")
+    mine = recipe.run_dir / "notes.txt"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_text("a file of the run\n")
+    outbox = recipe.run_dir / "tracking" / "unsent.jsonl"
+    outbox.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"kind": "artifact", "run_id": tracker.run_id, "path": str(p), "artifact_path": "extra"}
+               for p in (secret, mine)]
+    outbox.write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = build_tracker(recipe, rank=0, resume_state={"version": 2, "run_id": tracker.run_id, "resumes": 0})
+    again.finish()
+    uploaded = [a.path for a in client.list_artifacts(tracker.run_id, "extra")]
+    assert uploaded == ["extra/notes.txt"]
