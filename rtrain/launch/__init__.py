@@ -8,8 +8,18 @@
               tracking together
 """
 
-from rtrain.launch.entry import launch, main
-from rtrain.launch.errors import LaunchError
-from rtrain.launch.recipe import check_model_name, prepare_recipe
+from importlib import import_module
+from typing import Any
+
+# Imported when first used, not with the package: `python -m rtrain.launch` imports this package before its
+# __main__, which installs the stop-signal handlers first and only then imports the launcher.
+_EXPORTS = {"launch": "entry", "main": "entry", "LaunchError": "errors", "check_model_name": "recipe",
+            "prepare_recipe": "recipe"}
 
 __all__ = ["LaunchError", "check_model_name", "launch", "main", "prepare_recipe"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rtrain.launch' has no attribute {name!r}")
+    return getattr(import_module(f"rtrain.launch.{_EXPORTS[name]}"), name)

@@ -1,7 +1,26 @@
-"""`python -m rtrain.launch RECIPE [key=value ...]`."""
+"""`python -m rtrain.launch RECIPE [key=value ...]`.
 
+Stop signals are handled from the first instruction: before the heavy imports, a SIGTERM/SIGUSR1 (SIGINT) ends
+the launcher at once with 75 (130) and one line: nothing was trained, so nothing needs saving. Once the run
+starts, the launchers install their own handlers (rtrain.launch.signals), which checkpoint first.
+"""
+
+import signal
 import sys
 
-from rtrain.launch.entry import main
+EARLY_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 75, signal.SIGUSR1: 75}  # rtrain.launch.signals' codes
+
+
+def _stopped_before_training(signum, frame):
+    name = signal.Signals(signum).name
+    print(f"rtrain: stopped by {name} before training started: nothing to save; rerun the same command to start",
+          file=sys.stderr, flush=True)
+    raise SystemExit(EARLY_EXIT[signum])
+
+
+for _signal in EARLY_EXIT:
+    signal.signal(_signal, _stopped_before_training)
+
+from rtrain.launch.entry import main  # noqa: E402  (after the handlers: importing takes seconds)
 
 sys.exit(main())

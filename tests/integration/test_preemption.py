@@ -151,3 +151,32 @@ def test_resume_on_another_world_size_sees_each_sample_once(digits_shards, tmp_p
     assert final_weights(tmp_path, name, STEPS)
     seen = epoch_samples(read_ledger(tmp_path / name / "ledger"), 0)
     assert len(seen) == len(set(seen)) == 11 * 128
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGUSR1, EXIT_PREEMPTED), (signal.SIGTERM, EXIT_PREEMPTED),
+                                         (signal.SIGINT, EXIT_INTERRUPTED)])
+def test_a_stop_signal_during_start_up_exits_at_once_with_its_code(digits_shards, tmp_path, signum, code):
+    """The handlers are in place from the first instruction: a signal while the launcher still imports and
+    checks the recipe ends it with the documented code and one line, not with the signal's default death."""
+    cmd = _cmd(digits_shards, tmp_path, "early", "local")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=run_env())
+    # As soon as the process catches SIGUSR1 (SigCgt in /proc; rtrain's early handler goes in last, after
+    # SIGINT's and SIGTERM's): that is still within the imports, which take seconds.
+    wait_for(lambda: _catches(proc.pid, signal.SIGUSR1) or proc.poll() is not None, 30, "the early handlers",
+             poll_s=0.01)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert stderr.strip().splitlines()[-1] == (f"rtrain: stopped by {name} before training started: nothing to "
+                                               "save; rerun the same command to start")
+    assert "Traceback" not in stderr and not checkpoint_steps(tmp_path, "early")
+
+
+def _catches(pid: int, signum: int) -> bool:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
