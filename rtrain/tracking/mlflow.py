@@ -101,8 +101,8 @@ class MlflowTracker:
                  artifact_roots: tuple[str | Path, ...] | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        # The only folders whose files are uploaded, also when an outbox record (a file anyone could edit)
-        # names another path; None = no limit (a tracker outside a run).
+        # The only folders whose files an outbox record (a file anyone could edit) may have uploaded;
+        # None = no limit (a tracker outside a run).
         self._artifact_roots = None if artifact_roots is None else [Path(r).resolve() for r in artifact_roots]
         self.uri = resolve_tracking_uri(uri)
         self._client: MlflowClient = MlflowClient(tracking_uri=self.uri)
@@ -264,7 +264,7 @@ class MlflowTracker:
             self._outbox.append(record)
             return
         try:
-            self._outbox.flush(self._send)
+            self._outbox.flush(self._send_kept)
             self._send(record)
         except Exception as exc:
             if not is_outage(exc):
@@ -287,7 +287,7 @@ class MlflowTracker:
         if self._outbox is None:
             return True
         try:
-            sent = self._outbox.flush(self._send)
+            sent = self._outbox.flush(self._send_kept)
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -298,7 +298,11 @@ class MlflowTracker:
         self._retry_at = None
         return True
 
-    def _send(self, record: Mapping[str, Any]) -> None:
+    def _send_kept(self, record: Mapping[str, Any]) -> None:
+        """A record from the outbox, a file in the run directory that anyone with access could have edited."""
+        self._send(record, kept=True)
+
+    def _send(self, record: Mapping[str, Any], kept: bool = False) -> None:
         from mlflow.entities import Metric, RunTag
 
         run_id, kind = record["run_id"], record["kind"]
@@ -313,13 +317,14 @@ class MlflowTracker:
         elif kind == "text":
             self._client.log_text(run_id, record["text"], record["artifact_file"])
         elif kind == "artifact":
-            self._send_artifact(run_id, Path(record["path"]), record.get("artifact_path"))
+            self._send_artifact(run_id, Path(record["path"]), record.get("artifact_path"), kept)
         else:
             raise TrackingError(f"outbox record of unknown kind {kind!r}")
 
-    def _send_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
+    def _send_artifact(self, run_id: str, path: Path, artifact_path: str | None, kept: bool = False) -> None:
         real = path.resolve()
-        if self._artifact_roots is not None and not any(real.is_relative_to(r) for r in self._artifact_roots):
+        roots = self._artifact_roots if kept else None  # what this process logs itself is sent as asked
+        if roots is not None and not any(real.is_relative_to(r) for r in roots):
             log.warning("artifact %s is outside the run's folders (%s); not sent to MLflow run %s", path,
                         ", ".join(map(str, self._artifact_roots)), run_id)
             return
