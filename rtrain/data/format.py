@@ -133,6 +133,8 @@ class Manifest:
     def load(cls, path: str | Path) -> "Manifest":
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ValueError(f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
@@ -176,6 +178,15 @@ def is_plain_name(name: Any) -> bool:
 
 def _is_hex_digest(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
+
+
+def normalized_location(location: str) -> str:
+    """A path or URL with `.` and `..` resolved (a URL's scheme and host kept)."""
+    scheme, sep, path = location.rpartition("://")
+    if sep:
+        host, slash, rest = path.partition("/")
+        return f"{scheme}://{host}" + (posixpath.normpath("/" + rest) if slash and rest else "")
+    return posixpath.normpath(location)
 
 
 def root_is_within(root: str, base: str) -> bool:

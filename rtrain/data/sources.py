@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from rtrain.data.format import (
     MAX_MANIFEST_BYTES,
     Manifest,
     ShardEntry,
+    normalized_location,
     resolve_shard_root,
     root_is_within,
     sha256_file,
@@ -32,15 +32,6 @@ from rtrain.data.format import (
 from rtrain.data.stores import ShardError, is_http, is_remote, open_stream
 
 __all__ = ["ShardError", "ShardSource"]
-
-
-def _normalized(location: str) -> str:
-    """A path or URL with `.` and `..` resolved (a URL's scheme and host kept)."""
-    scheme, sep, path = location.rpartition("://")
-    if sep:
-        host, slash, rest = path.partition("/")
-        return f"{scheme}://{host}" + (posixpath.normpath("/" + rest) if slash and rest else "")
-    return posixpath.normpath(location)
 
 
 class ShardSource:
@@ -51,12 +42,12 @@ class ShardSource:
         if not source:
             raise ValueError("data.source is empty: give a shard directory or a URL prefix (http(s)://, s3://)")
         root = source.removeprefix("file://")
-        self.base = _normalized(root.rstrip("/"))
+        self.base = normalized_location(root.rstrip("/"))
         self.split = split
         self.location = f"{root.rstrip('/')}/{split}"
         self.shard_root = self.location
         self.storage_options = dict(storage_options or {})
-        self.allowed_roots = [_normalized(r.removeprefix("file://").rstrip("/")) for r in allowed_roots]
+        self.allowed_roots = [normalized_location(r.removeprefix("file://").rstrip("/")) for r in allowed_roots]
 
     @property
     def remote(self) -> bool:
@@ -77,7 +68,7 @@ class ShardSource:
             if len(text) > MAX_MANIFEST_BYTES:
                 raise ValueError(f"{where}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
             manifest = Manifest.loads(text.decode("utf-8", "replace"), where=where)
-        shard_root = _normalized(resolve_shard_root(self.location, manifest.shard_root))
+        shard_root = normalized_location(resolve_shard_root(self.location, manifest.shard_root))
         if not any(root_is_within(shard_root, base) for base in (self.base, *self.allowed_roots)):
             raise ValueError(f"{where}: shard_root {manifest.shard_root!r} points to {shard_root}, outside "
                              f"data.source ({self.base}); list it in data.allowed_shard_roots to read it")

@@ -2,12 +2,12 @@
 checkpoint write) ends the run on every rank within dist.stall_timeout_s plus a poll interval.
 
 Every rank records progress in memory (`beat(phase, step)`: waiting for data, in the step, saving, evaluating,
-...) and a daemon thread of its own writes it to `<run dir>/heartbeats/<attempt>/rank-R.json` about once a
-second: the time of its last progress, not of the write, so a rank whose main thread is stuck ages even while
-its thread runs, and a stopped process (whose thread stops too) ages as well. The same thread reads every
-rank's file; when one is older than the timeout it writes one line naming the stalled rank(s), host, pid,
-phase and step to `<run dir>/heartbeats/STALLED` (the first writer wins) and ends its own process with
-EXIT_STALLED. The launchers turn that into the run's one line and a retryable exit; the ranks that were
+...) and a daemon thread of its own writes it to `<run dir>/heartbeats/<attempt>/rank-R.json` every
+timeout/20 (at most 5 s): the time of its last progress, not of the write, so a rank whose main thread is
+stuck ages even while its thread runs, and a stopped process (whose thread stops too) ages as well. The threads
+of the first and the last rank read every rank's file; when one is older than the timeout, a watcher writes one
+line naming the stalled rank(s), host, pid, phase and step to `<run dir>/heartbeats/STALLED` (the first writer
+wins) and ends its own process with EXIT_STALLED. The launchers turn that into the run's one line and a retryable exit; the ranks that were
 waiting in a collective on the stalled one are ended by the launcher (local) or by Ray with the worker group.
 
 A rank stuck in a collective because a peer stalled also stops progressing, but only after that peer did:
@@ -57,10 +57,14 @@ def _attempt_token() -> str:
 class StallWatchdog:
     """One per rank; `start()` after the process group exists (a collective), `close()` at the end."""
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float, poll_s: float = 1.0):
+    def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float):
         self.root = run_dir / HEARTBEATS_DIR
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.poll_s = min(poll_s, max(timeout_s / 5, 0.05))
+        # A write every poll by every rank, reads by two: on a shared filesystem at 256 ranks and the default
+        # 600 s timeout that is ~50 small writes and 2 x 256 reads per 5 s.
+        self.poll_s = min(max(timeout_s / 20, 0.05), 5.0)
+        # Two watchers, so a stalled one (its thread stops with it when SIGSTOPped) is seen by the other.
+        self.watches = rank in (0, world_size - 1)
         self._beat = Heartbeat(rank, socket.gethostname(), os.getpid(), "starting", 0, time.time())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,9 +126,11 @@ class StallWatchdog:
         while not self._stop.wait(self.poll_s):
             try:
                 self._write()
-                beats = self._read_all()
+                beats = self._read_all() if self.watches else []
             except OSError:
                 continue  # a shared filesystem's hiccup is not a stall: the next poll tries again
+            if not self.watches:
+                continue
             now = time.time()
             stalled = sorted((b for b in beats if now - b.progress_at > self.timeout_s), key=lambda b: b.progress_at)
             seen = {b.rank for b in beats}
