@@ -149,7 +149,10 @@ def read_json_file(path: Path) -> Any:
             raise ValueError("not a regular file")
         if info.st_size > MAX_JSON_BYTES:
             raise ValueError(f"{info.st_size:,} bytes, over {MAX_JSON_BYTES >> 20} MiB")
-        return json.loads(file.read(MAX_JSON_BYTES + 1).decode())
+        try:
+            return json.loads(file.read(MAX_JSON_BYTES + 1).decode())
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
 
 
 def build_manifest(step: int, world_size: int, save_id: str, files: dict[str, FileDigest]) -> dict:
@@ -225,10 +228,15 @@ def verify_sizes(ckpt_dir: Path, manifest: dict) -> None:
         path = ckpt_dir / name
         try:
             info = path.lstat()
+            inside = os.path.realpath(path).startswith(os.path.realpath(ckpt_dir) + os.sep)
         except FileNotFoundError:
             raise CheckpointError(f"{ckpt_dir}: missing file {name}") from None
-        if not stat.S_ISREG(info.st_mode):  # never read through a symlink, never block on a FIFO
-            raise CheckpointError(f"{ckpt_dir}: file {name} is not a regular file (a symlink, FIFO or device)")
+        except (OSError, ValueError) as error:  # a name too long, a NUL byte, a file used as a folder
+            raise CheckpointError(f"{ckpt_dir}: file {name[:200]!r} cannot be looked up: {error}") from None
+        # never read through a symlink (of the file or of a folder on its way), never block on a FIFO
+        if not stat.S_ISREG(info.st_mode) or not inside:
+            raise CheckpointError(f"{ckpt_dir}: file {name} is not a regular file inside the checkpoint "
+                                  "(a symlink, FIFO or device)")
         size = info.st_size
         if size != entry["size"]:
             raise CheckpointError(

@@ -15,32 +15,32 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REDACTED = "***"
-SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|credential|api[_-]?key|access[_-]?key|private[_-]?key|"
-                        r"session[_-]?key|auth|signature|^sig$|^key$)", re.I)
+SECRET_KEY = re.compile(r"(pass(word|wd)?|pwd|secret|token|jwt|credential|api[_-]?key|access[_-]?key|"
+                        r"private[_-]?key|session[_-]?key|account[_-]?key|ssh[_-]?key|connection[_-]?string|"
+                        r"cookie|auth|signature|^sig$|^sas$|^key$)", re.I)
 SECRET_SECTIONS = (("data", "storage_options"),)
-_URL = re.compile(r"\b([a-z][a-z0-9+.-]*://)([^/@\s]+)@", re.I)
+# A URL in free text: scheme://, then up to whitespace or a quote. Its userinfo runs to the authority's last @.
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/?#]*@", re.I)
+_PARAM = re.compile(r"([?&;#])([^=&;#\s]+)=([^&;#\s]*)")
 
 
 def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY.search(key))
 
 
+def _redact_one_url(url: str) -> str:
+    url = _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", url)
+    return _PARAM.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}" if is_secret_key(m.group(2)) else m.group(0),
+                      url)
+
+
 def redact_url(text: str) -> str:
-    """`text` with the userinfo of every URL in it, and secret-looking query values, replaced by ***."""
-    text = _URL.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-    if "?" not in text or "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    if not parts.query:
-        return text
-    query = [(k, REDACTED if is_secret_key(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+    """`text` with, in every URL in it, the userinfo and the values of secret-looking query and fragment
+    parameters (`?token=`, `#access_token=`) replaced by ***; the rest of the text as it was."""
+    return _URL.sub(lambda m: _redact_one_url(m.group(0)), text) if "://" in text else text
 
 
 def _redact_all(value: Any) -> Any:
@@ -59,8 +59,8 @@ def redact_tree(tree: Any, path: tuple[str, ...] = ()) -> Any:
             where = (*path, str(key))
             if where in SECRET_SECTIONS:
                 out[key] = _redact_all(value)
-            elif is_secret_key(str(key)) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                out[key] = REDACTED
+            elif is_secret_key(str(key)) and not isinstance(value, bool) and value is not None:
+                out[key] = _redact_all(value) if isinstance(value, (dict, list)) else REDACTED
             else:
                 out[key] = redact_tree(value, where)
         return out

@@ -163,7 +163,7 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SourceImag
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         fast = colorspace in _FAST_COLORSPACES
-    except ValueError:
+    except (ValueError, KeyError):  # KeyError: simplejpeg 1.9 on a sampling factor it has no name for
         pass
     if not fast:
         try:

@@ -110,6 +110,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "manifest") -> "Manifest":
         try:
+            if not isinstance(raw, dict):
+                raise TypeError(f"a manifest is a JSON object, got {type(raw).__name__}")
             version = int(raw.get("version", 0))
             if version not in READABLE_VERSIONS:
                 raise ValueError(f"version {version}, this rtrain reads versions {READABLE_VERSIONS}")
@@ -126,7 +128,7 @@ class Manifest:
                 version=version,
                 empty_classes=[str(name) for name in raw.get("empty_classes", [])],
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"{where}: not a valid rtrain manifest ({exc!r})") from exc
 
     @classmethod
@@ -136,7 +138,7 @@ class Manifest:
             if path.stat().st_size > MAX_MANIFEST_BYTES:
                 raise ValueError(f"{path}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
         return cls.from_dict(raw, where=str(path))
 
@@ -144,7 +146,7 @@ class Manifest:
     def loads(cls, text: str, where: str = "manifest") -> "Manifest":
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"{where}: cannot parse manifest ({exc})") from exc
         return cls.from_dict(raw, where=where)
 

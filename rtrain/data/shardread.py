@@ -106,7 +106,9 @@ def read_positions(tar: tarfile.TarFile, shard: str, wanted: set[int], expected_
             if cut:  # (a sample this slot did not read counts as incomplete: its data was not looked at)
                 ends = position + 1 if complete else max(position, 0)
                 damage = ShardDamage(shard, ends, expected_count, f"the tar ends after {ends} complete samples")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    # tarfile itself (streams, object-store files) lets ValueError/OverflowError/MemoryError out of some lying
+    # headers (sparse maps, 4300+-digit numbers, huge long names): damage as well.
+    except (tarfile.TarError, OSError, EOFError, ValueError, OverflowError, MemoryError) as exc:
         complete = sample is not None and all(f in sample.fields for f in fields)
         if complete:  # its members were all read; the next header is what failed
             pending.discard(position)
@@ -191,7 +193,7 @@ def _pax_size(pax: dict[str, str], header_at: int) -> int | None:
     if "size" not in pax:
         return None
     text = pax["size"]
-    if not (text.isascii() and text.isdigit()):
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
         raise tarfile.ReadError(f"pax header before byte {header_at}: size {text[:20]!r} is not a size")
     return int(text)
 
@@ -239,6 +241,9 @@ def _local_members(fileobj: io.BufferedReader) -> Iterator[Member]:
         size = size if pax_size is None else pax_size
         if size < 0:
             raise tarfile.ReadError(f"header at byte {header_at}: negative size {size}")
+        if size > MAX_MEMBER_BYTES and kind not in _FILE_TYPES or size > end + MAX_MEMBER_BYTES:
+            # a member never read (or beyond any file) still must not send the reader past sense
+            raise tarfile.ReadError(f"header at byte {header_at}: size {size:,} (the shard has {end:,} bytes)")
         offset = data_at + -(-size // BLOCK) * BLOCK  # > header_at: every header moves forward
         long_name, pax = None, {}
         if kind in _FILE_TYPES:

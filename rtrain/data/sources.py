@@ -91,8 +91,9 @@ class ShardSource:
                 else:
                     self._check_local(entry, where, verify_sha256)
                     tar = stack.enter_context(tarfile.open(where, mode="r:"))
-            except (OSError, tarfile.TarError, EOFError) as exc:
-                raise ShardError(f"shard {where}: cannot open ({exc})") from exc
+            except (OSError, tarfile.TarError, EOFError, ValueError, OverflowError, MemoryError) as exc:
+                # tarfile parses the first header itself; a lying one may raise any of these
+                raise ShardError(f"shard {where}: cannot open ({type(exc).__name__}: {exc})") from exc
             yield tar
 
     def _check_local(self, entry: ShardEntry, where: str, verify_sha256: bool) -> None:

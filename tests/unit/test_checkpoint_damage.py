@@ -86,9 +86,17 @@ def state_links_to_dev_zero(step_dir):
     return "shared/model.pt"
 
 
+def folder_links_elsewhere(step_dir):
+    """A folder of the checkpoint replaced by a symlink to a copy outside it: its files are not read."""
+    outside = step_dir.parent.parent / f"outside-{step_dir.name}"
+    shutil.move(step_dir / "shared", outside)
+    (step_dir / "shared").symlink_to(outside)
+    return "shared/"
+
+
 DAMAGES = [truncate, flip_byte, flip_byte_in_meta, delete_file, delete_manifest, garble_manifest,
            empty_manifest_file_list, future_format_version, manifest_is_a_fifo, meta_is_a_fifo,
-           state_links_to_dev_zero]
+           state_links_to_dev_zero, folder_links_elsewhere]
 
 
 def save_steps(manager, steps):

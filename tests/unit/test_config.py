@@ -158,3 +158,16 @@ def test_empty_file_is_the_defaults(tmp_path):
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
     assert loads_recipe(recipe.to_yaml()) == recipe
+
+
+def test_credentials_are_redacted_wherever_they_sit_in_a_line():
+    """Cases a review found leaking: an @ in the password, several URLs in one error line, fragments,
+    ';' separators, a secret key holding a list or a mapping."""
+    from rtrain.config.redact import redact_tree, redact_url
+
+    assert redact_url("https://user:p@S3CR3T@host/x") == "https://***@host/x"
+    line = "GET https://h/a?x=1\nthen https://h/b?token=S3CR3T#access_token=T0K and s3://b/c?a=b;sig=Z"
+    assert redact_url(line) == ("GET https://h/a?x=1\nthen https://h/b?token=***#access_token=*** and "
+                                "s3://b/c?a=b;sig=***")
+    assert redact_tree({"password": ["S"], "token": {"value": "S"}}) == {"password": ["***"],
+                                                                         "token": {"value": "***"}}

@@ -132,3 +132,16 @@ def test_data_prep_never_stops_on_one_file() -> None:
     exif = b"\xff\xe1\x00\x10Exif\x00\x00" + b"\0" * 8
     outcome = sanitize_image(exif_bomb[:2] + exif + exif_bomb[2:], ImageOptions(max_image_pixels=10**12))
     assert outcome.jpeg is None and outcome.quarantine_reason
+
+
+def test_a_header_simplejpeg_cannot_name_is_not_a_crash() -> None:
+    """Luma sampling 1x4 (found by a review that fuzzed the header): simplejpeg 1.9's header reader raises
+    KeyError; probe falls back to Pillow or names the image as unreadable."""
+    import simplejpeg
+
+    data = bytearray(simplejpeg.encode_jpeg(np.zeros((64, 48, 3), np.uint8), colorsubsampling="444"))
+    data[data.find(b"\xff\xc0") + 11] = 0x14
+    try:
+        probe(bytes(data))
+    except DecodeError:
+        pass

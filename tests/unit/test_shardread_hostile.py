@@ -65,7 +65,14 @@ HOSTILE = {
     "GNU long name of 8 GiB": member("././@LongLink", b"", kind=b"L",
                                      size_field=b"\x80" + (8 << 30).to_bytes(11, "big")),
     "pax records of 1 GiB": pax(b"", size_field=b"%011o\0" % (1 << 30)),
+    # found by a review that tried to break the reader: a 5000-digit pax size (int() refuses it) and a member
+    # that is never read but claims 2^80 bytes (a seek past any offset)
+    "pax size of 5000 digits": pax(b"5011 size=" + b"9" * 5000 + b"\n"),
+    "unread member of 2^80 bytes": member("s000001.txt", b"", size_field=b"\x80" + (2**80).to_bytes(11, "big")),
 }
+
+
+TARFILE_STREAM_HANGS = {"unread member of 2^80 bytes"}
 
 
 @contextmanager
@@ -111,7 +118,10 @@ def test_a_lying_header_is_damage_after_the_good_samples(tmp_path: Path, lie: st
     data = GOOD + HOSTILE[lie] + sample("s000001") + sample("s000002") + END
     path = tmp_path / "s.tar"
     path.write_bytes(data)
-    ours, streamed = read_local(path, 3), read_stream(data, 3)
+    ours = read_local(path, 3)
+    # Python 3.11's tarfile, which reads HTTP streams, skips an unread member by reading forward block by block
+    # for as long as its header claims (2^80 bytes: for ever); there only data.loader_timeout_s bounds it.
+    streamed = ours if lie in TARFILE_STREAM_HANGS else read_stream(data, 3)
     for got in (ours, streamed):
         assert set(got) == {0, 1, 2}
         assert isinstance(got[0], RawSample) and got[0].fields["cls"] == b"1"  # what came before is delivered
@@ -135,7 +145,8 @@ HEADERS = [offset for offset in range(0, len(SHARD) - len(END), 512)
            if SHARD[offset + 257:offset + 262] == b"ustar"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,  # the same examples on every run (CI)
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=st.sampled_from(HEADERS), at=st.integers(0, 511), junk=st.binary(min_size=1, max_size=16),
        fix_checksum=st.booleans())
 def test_any_damaged_header_ends_in_samples_or_damage(tmp_path: Path, header: int, at: int, junk: bytes,
@@ -191,3 +202,12 @@ def test_a_shard_root_outside_the_source_needs_the_recipe_s_word(tmp_path: Path,
     inside = ShardSource(str(tmp_path / "data"), "train")
     inside.read_manifest()  # ../mirror from data/train/ is data/mirror: inside data.source
     assert inside.shard_root == str(tmp_path / "data" / "mirror")
+
+
+@pytest.mark.parametrize("text", ["null", "[]", '"x"', '{"version": 1e400, "split": "t", "shards": [], "classes": {}}',
+                                  '{"version": 2, "split": "t", "shards": [], "classes": null}', "[" * 50000 + "]" * 50000])
+def test_a_manifest_that_is_not_one_is_a_value_error(text: str) -> None:
+    from rtrain.data.format import Manifest
+
+    with pytest.raises(ValueError, match="m.json"):
+        Manifest.loads(text, where="m.json")
