@@ -6,17 +6,16 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rtrain._ports import unused_port
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port("127.0.0.1")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.local.procs import ServiceError, pid_alive, port_open, spawn_detached, stop_by_pid_file, wait_until
+from rtrain._ports import unused_port
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 6380
@@ -56,9 +56,7 @@ def default_pid_file(port: int) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return unused_port(HOST)
 
 
 def ray_executable() -> str:

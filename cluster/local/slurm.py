@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.local.procs import ServiceError, pid_alive, port_open, read_pid, spawn_detached, stop_by_pid_file
+from rtrain._ports import unused_port
 
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
@@ -47,9 +48,7 @@ class LocalSlurm:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port("127.0.0.1")
 
 
 def missing_commands() -> list[str]:

@@ -6,18 +6,14 @@ Ray is imported only when called: importing this module stays cheap.
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-
-LOOPBACK = "127.0.0.1"
+from rtrain._ports import LOOPBACK, unused_port
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    return unused_port(LOOPBACK)
 
 
 def connect_or_start_ray(address: str | None, num_cpus: int, runtime_env: dict[str, Any] | None = None) -> bool:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rtrain._ports import unused_port
 from rtrain.launch.errors import LaunchError
 
 WorkerFn = Callable[[dict], Any]
@@ -65,9 +65,7 @@ def python_path() -> str:
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return unused_port(host)
 
 
 def lost_a_peer(error: BaseException) -> bool:

@@ -97,7 +97,27 @@ def _wait_state(slurm, job: int, states: set[str], timeout_s: float = 600) -> di
 
 
 def _log(out: Path, job: int) -> str:
-    return (out / f"job-{job}.out").read_text(errors="replace")
+    try:
+        return (out / f"job-{job}.out").read_text(errors="replace")
+    except FileNotFoundError:
+        return f"(no output from job {job} yet)"
+
+
+def _first_checkpoint(slurm, job: int, out: Path, name: str) -> list[int]:
+    """The run's checkpoint steps once there is one; fails at once, with the job's output, if the job ended."""
+    def saved_or_ended():
+        if steps := checkpoint_steps(out, name):
+            return steps
+        state = _job(slurm, job).get("JobState", "")
+        if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+            raise AssertionError(f"job {job} ended {state} before its first checkpoint:\n{_log(out, job)[-4000:]}")
+        return None
+    try:
+        return wait_for(saved_or_ended, 600, f"the first checkpoint of job {job}", poll_s=1.0)
+    except AssertionError as exc:
+        if "ended" in str(exc):
+            raise
+        raise AssertionError(f"{exc}; the job's output:\n{_log(out, job)[-4000:]}") from None
 
 
 def _job_processes(job: int) -> list[int]:
@@ -109,7 +129,7 @@ def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_id
     """One job does what a user's would: a run on Ray across both nodes, stopped by USR1 (checkpoint, requeue),
     then resumed by SLURM to the end."""
     job = _sbatch(slurm, "rtrain.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "requeued"))
-    wait_for(lambda: checkpoint_steps(tmp_path, "requeued"), 600, "the first checkpoint")
+    _first_checkpoint(slurm, job, tmp_path, "requeued")
     subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
     info = wait_for(lambda: (i := _job(slurm, job)).get("Restarts") == "1" and i["JobState"] == "PENDING" and i,
                     300, "the requeue")
@@ -138,7 +158,7 @@ def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_id
 def test_scancel_leaves_no_process_behind(slurm, digits_shards, tmp_path):
     job = _sbatch(slurm, "rtrain.sbatch", tmp_path,
                   _overrides(digits_shards, tmp_path, "cancelled", "train.max_steps=5000"))
-    wait_for(lambda: checkpoint_steps(tmp_path, "cancelled"), 600, "the first checkpoint")
+    _first_checkpoint(slurm, job, tmp_path, "cancelled")
     # The job's steps and the Ray daemons it started (they leave their parent: found by their session folder),
     # with everything below them; not "every new process": other tests may run beside this one.
     roots = [pid for pid, _, args in processes() if args.startswith(f"slurmstepd: [{job}.")] + _job_processes(job)
