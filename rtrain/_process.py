@@ -22,6 +22,21 @@ def read_stall_note(run_dir: Path) -> str | None:
         return None
 
 
+def write_stall_note(run_dir: Path, line: str) -> bool:
+    """Leave the line a stalled run ends with (the launchers read it: exit EXIT_STALLED, retryable); True for
+    the first writer, False when another rank said it first or it cannot be written."""
+    try:
+        folder = Path(run_dir) / HEARTBEATS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / STALLED_NOTE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w") as note:
+        note.write(line + "\n")
+    return True
+
+
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies, however the parent dies (Linux PR_SET_PDEATHSIG); exit at once
     when the parent is already gone. The signal follows the parent's thread that started this process: call it

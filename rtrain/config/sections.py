@@ -83,8 +83,9 @@ class DataConfig(Section):
         "skip", description="A sample that fails to decode or a bad shard: skip and count it, or raise.")
     loader_timeout_s: float = Field(
         300.0, ge=0, description="A rank whose loader worker processes deliver no batch for this long fails with "
-        "a LoaderStall naming it and its shards, instead of waiting (0 = wait forever; in-process loading has no "
-        "timeout).")
+        "a LoaderStall naming it and the shard or sample the awaited worker was on, instead of waiting (0 = wait "
+        "forever; in-process loading has no timeout). Retryable (exit 76); what stalls a rank in two attempts "
+        "is quarantined for the run (suspects.jsonl in the run directory).")
     max_image_pixels: int = Field(
         89_478_485, ge=1, description="The most pixels (width x height, from the image's header) a sample may "
         "have; a larger one is a bad sample (data.on_bad_sample), refused before any decoder allocates for it. "

@@ -25,7 +25,7 @@ from rtrain.data.worker import LoaderStall, SampleError
 
 
 def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 train: bool, ledger: Any = None) -> Any:
+                 train: bool, ledger: Any = None, guard: Any = None) -> Any:
     """The loader for one split on one rank; `cfg` is the recipe's DataConfig; `ledger` a file to append
     each batch's sample ids to (rtrain.data.ledger)."""
     if cfg.backend == "dali":
@@ -36,7 +36,7 @@ def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size
     if cfg.backend != "webdataset":
         raise ValueError(f"data.backend: unknown backend {cfg.backend!r}")
     return ShardLoader(cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-                       train=train, ledger=ledger)
+                       train=train, ledger=ledger, guard=guard)
 
 
 def steps_per_epoch(loader: Any, cfg: Any, global_batch: int) -> int:

@@ -16,6 +16,7 @@ Contract (the engine relies on it):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,23 @@ from rtrain.data.plan import (
 )
 from rtrain.data.sources import ShardSource
 from rtrain.data.state import LoaderState, parse_state
+from rtrain.data.suspects import (
+    CrashGuard,
+    Quarantine,
+    ReadingMarks,
+    marks_path,
+    quarantine_of,
+    record,
+    suspect_from_marks,
+)
 from rtrain.data.worker import EpochTask, LoaderStall, RankBatches
+
+log = logging.getLogger("rtrain.data")
 
 
 class ShardLoader:
     def __init__(self, cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 train: bool, ledger: str | Path | None = None):
+                 train: bool, ledger: str | Path | None = None, guard: CrashGuard | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"loader: rank {rank} is not in a world of size {world_size}")
         if batch_size < 1:
@@ -58,6 +70,14 @@ class ShardLoader:
         self._pool = np.zeros(0, dtype=np.int64)
         self._held_ahead = 0
         self.ledger = SampleLedger(ledger, rank) if ledger is not None else None  # see rtrain.data.ledger
+        # No crash loop (rtrain.data.suspects): what stalled or killed a rank in two attempts is left out.
+        self.guard = guard
+        self.quarantine = quarantine_of(guard.run_dir) if guard is not None else Quarantine()
+        self.marks = (ReadingMarks(marks_path(guard.folder, rank), self.layout.slots_per_rank, create=True)
+                      if guard is not None else None)
+        if self.quarantine and rank == 0:
+            log.warning("quarantined for this run (stalled or killed a rank in two attempts; %s): %s",
+                        "see suspects.jsonl in the run directory", ", ".join(self.quarantine.names()))
         if self.manifest.num_samples == 0 or self._geometry().batches_per_rank == 0:
             raise ValueError(
                 f"{self.source.location}: split {split!r} has {self.manifest.num_samples} samples, fewer than "
@@ -179,6 +199,7 @@ class ShardLoader:
             epoch=self.epoch, segment=len(self._state.history), batches_done=self._state.batches_done,
             transform=cfg, classes=dict(self.manifest.classes), keys=self.manifest.keys,
             skip_bad=cfg.on_bad_sample == "skip", verify_sha256=cfg.verify_sha256,
+            marks=self.marks, quarantine=self.quarantine,
         )
 
 
@@ -235,17 +256,64 @@ class EpochIterator:
                 return images, labels
 
     def _next_item(self) -> tuple:
+        marks, slots = self.loader.marks, self.loader.layout.slots_per_rank
+        awaited = self.loader._state.batches_done % slots  # rank batch b comes from slot b mod K
+        if marks is not None:
+            marks.awaiting(awaited)
         try:
             return next(self._items)
         except RuntimeError as exc:
-            if "timed out" not in str(exc):
-                raise
             task, cfg = self.task, self.loader.cfg
-            shards = ", ".join(e.name for e in task.shards[:4]) + (" ..." if len(task.shards) > 4 else "")
-            raise LoaderStall(
-                f"rank {task.rank}: no batch from its {cfg.num_workers} loader worker process(es) in "
-                f"{cfg.loader_timeout_s:g} s (data.loader_timeout_s): a worker is stuck reading or decoding; "
-                f"epoch {task.epoch}, rank batch {self.loader._state.batches_done}, shards {shards}") from None
+            if "timed out" in str(exc):
+                suspect = self._record([awaited], f"no batch in {cfg.loader_timeout_s:g} s (data.loader_timeout_s)")
+                self._stop_stuck_workers()
+                more = " ..." if len(task.shards) > 4 else ""
+                where = (f"on {suspect[0].describe()}" if suspect else
+                         "shards " + ", ".join(e.name for e in task.shards[:4]) + more)
+                raise LoaderStall(
+                    f"rank {task.rank}: no batch from its {cfg.num_workers} loader worker process(es) in "
+                    f"{cfg.loader_timeout_s:g} s (data.loader_timeout_s): a worker is stuck reading or decoding; "
+                    f"epoch {task.epoch}, rank batch {self.loader._state.batches_done}, {where}") from None
+            if "DataLoader worker" in str(exc):  # a worker process died (killed by a signal, crashed)
+                workers = getattr(self._items, "_workers", [])
+                dead = [w for w, proc in enumerate(workers) if not proc.is_alive()]
+                self._record([(task.batches_done + w) % slots for w in dead] or [awaited],
+                             " ".join(str(exc).split())[:200])
+            raise
+
+    def _stop_stuck_workers(self) -> None:
+        """Kill the rank's loader workers, then let DataLoader shut down: with a worker stuck in a read, its own
+        shutdown waits 5 s per worker before terminating it."""
+        items = self._items
+        workers = getattr(items, "_workers", [])
+        if getattr(items, "_worker_pids_set", False):  # else its SIGCHLD handler reports the kill as a crash
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(items))
+            items._worker_pids_set = False
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+        for proc in workers:
+            proc.join(timeout=5)
+        shutdown = getattr(items, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _record(self, slots: list[int], why: str) -> list:
+        """Write down what the given slots were on (rtrain.data.suspects); the suspects found."""
+        loader = self.loader
+        if loader.guard is None or loader.marks is None:
+            return []
+        names = [e.name for e in self.task.shards]
+        found = [s for s in (suspect_from_marks(loader.marks, names, self.task.offsets, slot) for slot in slots)
+                 if s is not None]
+        for suspect in found:
+            try:
+                record(loader.guard.run_dir, loader.guard.attempt, loader.rank, suspect, why)
+            except OSError as exc:
+                log.warning("could not record %s in the run directory: %s", suspect.describe(), exc)
+        return found
 
     def hold_ahead(self, batches: int) -> None:
         """A prefetcher holds `batches` already taken from this iterator but not yet given to the caller."""

@@ -38,6 +38,7 @@ from rtrain.data.format import SampleKeys, ShardEntry, decode_label
 from rtrain.data.plan import SegmentGeometry, slot_batches_done, slot_plan
 from rtrain.data.shardread import RawSample, ShardDamage, damage_from_error, read_positions
 from rtrain.data.sources import ShardError, ShardSource
+from rtrain.data.suspects import NONE, Quarantine, ReadingMarks
 from rtrain.data.state import STAT_KEYS
 from rtrain.data.transforms import TransformConfig, make_view
 
@@ -88,6 +89,8 @@ class EpochTask:
     keys: SampleKeys
     skip_bad: bool
     verify_sha256: bool
+    marks: ReadingMarks | None = None  # what each slot is on (rtrain.data.suspects)
+    quarantine: Quarantine = field(default_factory=Quarantine)
 
     @property
     def batches_left(self) -> int:
@@ -198,6 +201,7 @@ class SlotReader:
     def __init__(self, task: EpochTask, slot: int,
                  claim: Callable[[], tuple[int, torch.Tensor] | None] | None = None):
         self.task = task
+        self.slot = slot
         self.claim = claim
         self.plan = slot_plan(task.geometry, task.rank, slot, seed=task.seed, epoch=task.epoch,
                               segment=task.segment)
@@ -216,12 +220,26 @@ class SlotReader:
     def batches(self) -> Iterator[tuple[torch.Tensor | PooledBatch, np.ndarray, list[int], Tally]]:
         task = self.task
         assembler = BatchAssembler(self.batch_sizes, task.transform.image_size, self.claim)
-        for sample_id, item in self._samples_in_emission_order():
+        marks, slot = task.marks, self.slot
+        items = self._samples_in_emission_order()
+        while True:
+            if marks is not None:
+                marks.decoding(slot, NONE)  # reading (the shard _read_shard marked) until a sample comes out
+            try:
+                sample_id, item = next(items)
+            except StopIteration:
+                break
+            if marks is not None:
+                marks.decoding(slot, int(sample_id))
             label = self._prepare(sample_id, item, assembler.next_image())
             assembler.add(label, int(sample_id))
             if assembler.full:
                 images, labels, ids = assembler.take()
+                if marks is not None:
+                    marks.decoding(slot, NONE)
                 yield images, labels, ids, self.take_tally()
+        if marks is not None:
+            marks.idle(slot)
 
     def _read_runs(self) -> Iterator[tuple[int, list[int]]]:
         """(shard index, wanted positions) in reading order, for shards holding remaining samples."""
@@ -250,6 +268,12 @@ class SlotReader:
     def _read_shard(self, shard_index: int,
                     positions: list[int]) -> Iterator[tuple[int, RawSample | ShardDamage]]:
         entry = self.task.shards[shard_index]
+        if entry.name in self.task.quarantine.shards:  # not opened: _prepare counts its samples as skipped
+            for position in positions:
+                yield position, ShardDamage(entry.name, 0, entry.count, "quarantined for this run")
+            return
+        if self.task.marks is not None:
+            self.task.marks.reading(self.slot, shard_index)
         location = self.task.source.shard_location(entry.name)
         try:
             with self.task.source.open_shard(entry, self.task.verify_sha256) as tar:
@@ -261,6 +285,8 @@ class SlotReader:
 
     def _prepare(self, sample_id: int, item: RawSample | ShardDamage, out: torch.Tensor) -> int | None:
         """The label, with the image written into `out`; None for a sample skipped under the `skip` policy."""
+        if self.task.quarantine and self._quarantined(sample_id):
+            return None
         try:
             if isinstance(item, ShardDamage):
                 raise ShardError(item.message)
@@ -270,6 +296,24 @@ class SlotReader:
                 raise type(exc)(f"{exc} (data.on_bad_sample=raise); {check_hint(self.task.source)}") from None
             self._count_skip(sample_id, item, exc)
             return None
+
+    def _quarantined(self, sample_id: int) -> bool:
+        """Left out of this run (rtrain.data.suspects), whatever data.on_bad_sample says; counted as skipped."""
+        index = int(np.searchsorted(self.task.offsets, sample_id, side="right")) - 1
+        shard = self.task.shards[index].name
+        quarantine = self.task.quarantine
+        position = int(sample_id - self.task.offsets[index])
+        if shard not in quarantine.shards and (shard, position) not in quarantine.samples:
+            return False
+        self.tally.by_shard[shard] = self.tally.by_shard.get(shard, 0) + 1
+        self.tally.counts["skipped_samples"] += 1
+        if shard in quarantine.shards:
+            if shard not in self.damaged_shards:
+                self.damaged_shards.add(shard)
+                self.tally.counts["skipped_shards"] += 1
+        else:
+            self.tally.counts["bad_samples"] += 1
+        return True
 
     def _count_skip(self, sample_id: int, item: RawSample | ShardDamage, exc: Exception) -> None:
         counts = self.tally.counts

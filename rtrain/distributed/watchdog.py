@@ -25,11 +25,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
-from rtrain._process import EXIT_STALLED, HEARTBEATS_DIR, STALLED_NOTE
+from rtrain._process import EXIT_STALLED, HEARTBEATS_DIR, STALLED_NOTE, write_stall_note
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,18 @@ class StallWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.folder: Path | None = None
+        self.attempt = ""
+        # Called by the watcher that ends the run, with the stalled heartbeats, before it exits (the run's
+        # suspects, rtrain.data.suspects); errors in it never keep the run from ending.
+        self.on_stall: Callable[[list[Heartbeat]], None] | None = None
 
     def start(self) -> StallWatchdog:
+        self.attempt = _attempt_token()  # also without a timeout: the attempt names this start of the run
+        self.folder = self.root / self.attempt
+        if self.rank == 0:  # a loader's stall note (data.loader_timeout_s) needs clearing without a timeout too
+            self._clear_earlier_attempts()
         if self.timeout_s <= 0:
             return self
-        self.folder = self.root / _attempt_token()
-        if self.rank == 0:
-            self._clear_earlier_attempts()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.beat("starting", 0)
         self._write()
@@ -142,13 +148,11 @@ class StallWatchdog:
         parts = [b.describe(now) for b in stalled]
         parts += [f"rank {r} wrote no heartbeat in {self.timeout_s:g} s" for r in silent]
         line = f"{'; '.join(parts)} (dist.stall_timeout_s={self.timeout_s:g}); the run was stopped on every rank"
-        try:
-            fd = os.open(self.root / STALLED_NOTE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "w") as note:
-                note.write(line + "\n")
-        except FileExistsError:
-            pass  # another rank said it first
-        except OSError:
-            pass
+        first = write_stall_note(self.root.parent, line)  # False: another rank said it first
+        if first and self.on_stall is not None:
+            try:
+                self.on_stall(stalled)
+            except Exception as exc:  # noqa: BLE001 - ending the run comes first
+                print(f"rtrain: rank {self.rank}: could not record what the stalled rank was on: {exc}", flush=True)
         print(f"rtrain: rank {self.rank}: {line}", flush=True)
         os._exit(EXIT_STALLED)

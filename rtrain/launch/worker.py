@@ -15,10 +15,13 @@ from typing import Any
 import torch
 
 from rtrain._errors import DEBUG_ENV
+from rtrain._process import write_stall_note
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader, steps_per_epoch
 from rtrain.data.ledger import ledger_path
+from rtrain.data.suspects import CrashGuard
+from rtrain.data.worker import LoaderStall
 from rtrain.distributed.agree import StepAgreement
 from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.distributed.factory import backend_from_config, place_model
@@ -48,9 +51,12 @@ def _train(recipe: Recipe) -> dict[str, Any]:
 
 def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: StallWatchdog) -> dict[str, Any]:
     rank, world, data, train = env.rank, env.world_size, recipe.data, recipe.train
+    guard = CrashGuard(recipe.run_dir, watchdog.folder, watchdog.attempt, rank) if watchdog.folder else None
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
                                 batch_size=recipe.per_worker_batch, seed=recipe.run.seed, train=True,
-                                ledger=ledger_path(recipe.run_dir, rank) if data.sample_ledger else None)
+                                ledger=ledger_path(recipe.run_dir, rank) if data.sample_ledger else None,
+                                guard=guard)
+    watchdog.on_stall = _suspect_recorder(guard, train_loader)
     epoch_steps = steps_per_epoch(train_loader, data, train.global_batch)
     total_steps = train.max_steps or math.ceil(train.epochs * epoch_steps)
     schedule = LRSchedule.from_config(recipe.schedule, recipe.peak_lr, epoch_steps, total_steps)
@@ -76,6 +82,9 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
     run_tags = describe_run(world, epoch_steps)  # every rank: it gathers the host names
+    quarantine = getattr(train_loader, "quarantine", None)
+    if quarantine:
+        run_tags["rtrain.quarantined"] = ", ".join(quarantine.names())[:4000]
     parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None,
                                   run_tags=run_tags, resume_step=loaded.step if loaded else None)
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
@@ -95,6 +104,22 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     # Every rank returns its summary (a multi-node local launch hears how the run ended from its first
     # rank); launchers print rank 0's.
     return _report({**summary, "rank": rank}, parts, manager, world, preempted=bool(summary.get("preempted")))
+
+
+def _suspect_recorder(guard: CrashGuard | None, loader: Any) -> Any:
+    """The stall watchdog's on_stall: what a rank stuck waiting for data was reading goes into the run's
+    suspects (rtrain.data.suspects); a rank stuck elsewhere is no evidence against the data."""
+    manifest = getattr(loader, "manifest", None)
+    if guard is None or manifest is None:
+        return None
+    names = [entry.name for entry in manifest.shards]
+
+    def on_stall(stalled: list[Any]) -> None:
+        for beat in stalled:
+            if beat.phase == "waiting for data":
+                why = f"rank {beat.rank} waited for data for over the stall timeout (dist.stall_timeout_s)"
+                guard.record_stalled(beat.rank, names, loader._offsets, why)
+    return on_stall
 
 
 def _restore(parts: FitParts, loaded: Loaded, manager: CheckpointManager, seed: int) -> None:
@@ -138,6 +163,11 @@ def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     recipe = loads_recipe(config["recipe_yaml"], where="recipe")
     try:
         return _train(recipe)  # under Ray Train, rank 0's return value reaches the driver as return_value
+    except LoaderStall as exc:  # a stall like the watchdog's: the launchers exit EXIT_STALLED (retryable)
+        write_stall_note(recipe.run_dir, " ".join(str(exc).split()))
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise exc.with_traceback(None) from None
     except EXPECTED_ERRORS as exc:
         if os.environ.get(DEBUG_ENV):
             raise
