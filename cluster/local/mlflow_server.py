@@ -63,7 +63,7 @@ def server_argv(backend_uri: str, artifacts: Path, host: str, port: int, workers
 def start_server(db: str | Path | None = None, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                  artifacts: str | Path | None = None, pid_file: str | Path | None = None,
                  workers: int = 1, timeout_s: float = START_TIMEOUT_S,
-                 backend_uri: str | None = None) -> MlflowServer:
+                 backend_uri: str | None = None, env: dict[str, str] | None = None) -> MlflowServer:
     """Start `mlflow server` detached and return once GET /health answers 200. The backend is the sqlite
     file `db`, or `backend_uri` (then `artifacts` and `pid_file` say where its files go)."""
     if (db is None) == (backend_uri is None):
@@ -82,7 +82,7 @@ def start_server(db: str | Path | None = None, port: int = DEFAULT_PORT, host: s
     url = f"http://{host}:{port}"
     if health_ok(url):
         raise ServiceError(f"{url} already answers; another server holds port {port}")
-    env = {**os.environ, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env = {**os.environ, **(env or {}), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     proc = spawn_detached(server_argv(backend_uri, artifacts, host, port, workers), log_path, pid_file, env=env)
     try:
         wait_until(lambda: health_ok(url), timeout_s, f"mlflow server on {url}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,29 @@ from pathlib import Path
 
 class ServiceError(RuntimeError):
     """A local service failed to start or stop; the message names the service, its PID file and log."""
+
+
+def private_dir(path: str | Path, owners: Sequence[int] = ()) -> Path:
+    """A helper's state folder that only this user can enter: made 0700 when missing; an existing one must be a
+    real folder (a symlink is never followed) owned by this user (or one of `owners`), and is set to 0700 when it
+    is this user's. Anything else is refused by name: a folder of another user under /tmp could hold a planted
+    PID file (a process to kill) or a symlink that redirects a write."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ServiceError(f"{path} is a symlink or not a folder: refusing to keep a service's state there "
+                           "(remove it if it is yours)")
+    if info.st_uid != os.geteuid() and info.st_uid not in owners:
+        raise ServiceError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}): refusing "
+                           "to keep a service's state there; pick another folder")
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def spawn_detached(argv: Sequence[str], log_path: Path, pid_file: Path,

@@ -27,7 +27,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.local.procs import ServiceError, pid_alive, port_open, spawn_detached, stop_by_pid_file, wait_until
+from cluster.local.procs import (
+    ServiceError,
+    pid_alive,
+    port_open,
+    private_dir,
+    spawn_detached,
+    stop_by_pid_file,
+    wait_until,
+)
 from rtrain._ports import unused_port
 
 HOST = "127.0.0.1"
@@ -47,8 +55,10 @@ class RayHead:
 
 
 def state_dir(port: int) -> Path:
-    # Short on purpose: Ray's unix sockets live under the temp dir and socket paths are limited to 107 bytes.
-    return Path("/tmp") / f"rtrain-ray-{port}"
+    """This user's folder for the head on `port` (0700, owner-checked: procs.private_dir); Ray's temp dir is
+    its `r` subfolder (Ray opens its temp dir to everyone; the private parent keeps others out).
+    Short on purpose: Ray's unix sockets live under the temp dir and socket paths are limited to 107 bytes."""
+    return Path("/tmp") / f"rtrain-ray-{port}-u{os.geteuid()}"
 
 
 def default_pid_file(port: int) -> Path:
@@ -108,8 +118,7 @@ def start_head(port: int = DEFAULT_PORT, num_cpus: int | None = None, pid_file: 
     address = f"{HOST}:{port}"
     if port_open(HOST, port):
         raise ServiceError(f"port {port} on {HOST} is already in use; pick another --port")
-    temp_dir = state_dir(port)
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = private_dir(state_dir(port)) / "r"
     pid_file = Path(pid_file).resolve() if pid_file else default_pid_file(port)
     log_path = pid_file.with_suffix(".log")
     cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)

@@ -26,7 +26,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.local.procs import ServiceError, pid_alive, port_open, read_pid, spawn_detached, stop_by_pid_file
+from cluster.local.procs import (
+    ServiceError,
+    pid_alive,
+    port_open,
+    private_dir,
+    read_pid,
+    spawn_detached,
+    stop_by_pid_file,
+)
 from rtrain._ports import unused_port
 
 NODES = ("n1", "n2")
@@ -115,7 +123,7 @@ def _wait_idle(slurm: LocalSlurm, timeout_s: float) -> None:
 
 
 def start_slurm(root: str | Path, timeout_s: float = START_TIMEOUT_S) -> LocalSlurm:
-    root = Path(root).resolve()
+    root = private_dir(root)  # this user's only: configuration, state, PID files
     for sub in ("state", "spool", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     ctld_port = _free_port()

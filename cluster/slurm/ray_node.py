@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.local.procs import ServiceError
+from cluster.local.procs import ServiceError, private_dir
 from cluster.local.ray_head import ray_executable
 from rtrain._ports import unused_port
 from rtrain._process import die_with_parent
@@ -72,16 +72,18 @@ def _gpus_on_node() -> int:
 
 
 def temp_dir() -> str:
-    # Short on purpose: Ray's unix sockets live under it, and socket paths are limited to 107 bytes.
+    """This job's folder on this node, this user's only (0700, owner-checked when made: procs.private_dir): the
+    `ray start` log, the ready file, and Ray's own temp dir as its `r` subfolder (Ray opens that to everyone).
+    Short on purpose: Ray's unix sockets live under it, and socket paths are limited to 107 bytes."""
     job = os.environ.get("SLURM_JOB_ID", "nojob")
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    return f"/tmp/rtrain-ray-{job}-{node}"
+    return f"/tmp/rtrain-ray-{job}-{node}-u{os.geteuid()}"
 
 
 def _node_argv(ip: str) -> list[str]:
     return [
         "--block", "--node-ip-address", ip, "--num-cpus", str(_cpus_on_node()), "--num-gpus", str(_gpus_on_node()),
-        "--disable-usage-stats", "--temp-dir", temp_dir(),
+        "--disable-usage-stats", "--temp-dir", f"{temp_dir()}/r",
         "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
     ]
 
@@ -260,8 +262,7 @@ def _run_logged(make_argv: Callable[[], list[str]], what: str) -> int:
     all, within START_WINDOW_S; a failure after that, or after a stop signal, is final. Ray reports a node up
     before all of its services have bound their ports, and a service that then fails ends the node: the ready
     file is written only once `ray start` has watched its services for STABLE_S."""
-    log_path = Path(temp_dir()) / "ray-start.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = private_dir(temp_dir()) / "ray-start.log"
     ready = ready_file()
     ready.unlink(missing_ok=True)
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()

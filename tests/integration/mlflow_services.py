@@ -26,6 +26,7 @@ class Server:
     url: str
     pid_file: Path
     root: Path
+    pg: postgres.LocalPostgres | None = None
 
 
 def _postgres_missing_reason() -> str | None:
@@ -58,11 +59,11 @@ def running_server(backend: str, port: int, pg_port: int, root: Path | None = No
                 warnings.warn(f"POSTGRESQL MLFLOW TESTS SKIPPED: {reason}")
                 pytest.skip(f"PostgreSQL tests skipped: {reason}")
             pg = postgres.start_postgres(root / "pg", pg_port)
-            server = mlflow_server.start_server(port=port, backend_uri=pg.mlflow_uri,
+            server = mlflow_server.start_server(port=port, backend_uri=pg.mlflow_uri, env=pg.client_env,
                                                 artifacts=root / "mlartifacts", pid_file=pid_file)
         else:
             server = mlflow_server.start_server(root / "mlflow.db", port=port, pid_file=pid_file)
-        yield Server(backend, server.url, pid_file, root)
+        yield Server(backend, server.url, pid_file, root, pg)
     finally:
         mlflow_server.stop_server(pid_file)
         if pg is not None:

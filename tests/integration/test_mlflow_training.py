@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from testkit import free_port
 from mlflow_services import artifact_paths, metric_steps, running_server
 from ray_runs import REPO, checkpoint_steps, launch_command, quickstart_overrides, wait_for
+from testkit import free_port
+
+from cluster.local import postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -182,3 +184,23 @@ def test_compare_two_real_runs(straight, killed, server, client, tmp_path):
     assert nothing.returncode == 1
     assert nothing.stderr.strip() == (f"rtrain: no runs match 'no-such-run' in experiment '{EXPERIMENT}' "
                                       f"at {server.url}")
+
+
+def test_the_postgres_store_wants_its_password_which_is_written_nowhere_else(server):
+    if server.pg is None:
+        pytest.skip("the sqlite store has no login")
+    pg = server.pg
+    argv = [str(postgres.bin_dir() / "psql"), "-w", "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-tAc",
+            "SELECT 1", "mlflow"]
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    denied = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**plain, "PGPASSFILE": os.devnull})
+    assert denied.returncode != 0 and "password" in denied.stderr, denied.stderr
+    allowed = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**plain, **pg.client_env})
+    assert allowed.stdout.strip() == "1", allowed.stderr
+    password = pg.passfile.read_text().strip().rsplit(":", 1)[1]
+    assert oct(pg.passfile.stat().st_mode & 0o777) == "0o600"
+    for path in server.root.rglob("*"):
+        if path.is_file() and path != pg.passfile and not path.is_relative_to(pg.root / "data"):
+            assert password.encode() not in path.read_bytes(), path
+    for pid in (int(server.pid_file.read_text()), pg.pid):
+        assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
