@@ -122,6 +122,7 @@ def build_split(
         quarantined=sorted(quarantined, key=lambda q: q.path),
         options=options.manifest_options(),
         empty_classes=sorted(source.empty_classes),
+        checked_pixels=options.image_options.max_image_pixels,  # every header was read against it (quirks.py)
     )
     _write_manifest(split_dir, manifest)
     return SplitReport(

@@ -5,7 +5,9 @@ faithfully and refuses the rest with a message naming the key (never a silent ch
 - `data.source` must be a local or shared-filesystem path (DALI reads files, not URLs);
 - `data.augment` rrc or none, `data.pca_lighting` 0, `data.eval_transform` resize_center;
 - `data.on_bad_sample: raise` (DALI stops on an undecodable sample; it cannot skip and count) and
-  `data.verify_sha256: false`.
+  `data.verify_sha256: false`;
+- the pixel budget (data.max_image_pixels): DALI decodes with no per-sample check in front of it, so the split's
+  manifest must say data_prep read every header against a budget within it (`checked_pixels`).
 Every rank yields the same number of batches (train: floor(samples / global batch); eval: DALI's padded last
 batch with the padding dropped). Position: DALI's own checkpoints (strings) are stored in the state dict;
 the sample order is DALI's, not plan.py's, so resuming across a world-size change is not supported.
@@ -27,6 +29,22 @@ DALI_STATE_VERSION = 1
 def check_dali_recipe(cfg: Any) -> list[str]:
     """Problems that make the recipe impossible on DALI (the recipe schema refuses them too)."""
     return dali_problems(cfg)
+
+
+def dali_pixel_problem(manifest: Manifest, cfg: Any, location: str) -> str | None:
+    """DALI decodes on the GPU with no per-sample check rtrain can put before it: its shards must come with
+    data_prep's attestation that every header was read against a pixel budget within data.max_image_pixels."""
+    budget = cfg.max_image_pixels
+    if manifest.checked_pixels is None:
+        return (f"data.backend=dali: {location}: nothing says its images were checked against a pixel budget "
+                f"(data.max_image_pixels {budget:,}; the manifest has no checked_pixels): DALI would decode a "
+                "bomb (a few hundred bytes claiming 65500 x 65500) in full; rebuild the split with data_prep "
+                "(it quarantines them), or use data.backend=webdataset, which checks every header")
+    if manifest.checked_pixels > budget:
+        return (f"data.backend=dali: {location}: its images were checked against {manifest.checked_pixels:,} "
+                f"pixels, over data.max_image_pixels ({budget:,}); rebuild with data_prep --max-image-pixels "
+                f"{budget} or raise data.max_image_pixels")
+    return None
 
 
 def require_dali(cfg: Any) -> Any:
@@ -62,6 +80,9 @@ class DaliLoader:
         require_dali(cfg)
         location = f"{cfg.source.rstrip('/')}/{split}"
         self.manifest = Manifest.load(f"{location}/{MANIFEST_NAME}")
+        problem = dali_pixel_problem(self.manifest, cfg, location)
+        if problem:
+            raise ValueError(problem)
         self.cfg, self.train, self.seed, self.batch_size = cfg, train, seed, batch_size
         self.rank, self.world_size = rank, world_size
         keys = self.manifest.keys

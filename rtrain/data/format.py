@@ -75,6 +75,14 @@ class SampleKeys:
         return self.image, self.label
 
 
+def _checked_pixels(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"checked_pixels must be a positive integer, got {value!r}")
+    return value
+
+
 @dataclass
 class Manifest:
     split: str
@@ -87,6 +95,9 @@ class Manifest:
     shard_root: str | None = None
     version: int = MANIFEST_VERSION
     empty_classes: list[str] = field(default_factory=list)  # class folders data_prep found without any file
+    # data_prep read every image's header and quarantined those claiming more pixels than this: what a decoder
+    # without a per-sample check of its own (DALI's) relies on. None: nobody checked.
+    checked_pixels: int | None = None
 
     @property
     def format_version(self) -> int:
@@ -105,6 +116,8 @@ class Manifest:
         raw = {**asdict(self), "version": self.format_version}
         if not self.empty_classes:  # written only when there are some: other manifests stay as they were
             del raw["empty_classes"]
+        if self.checked_pixels is None:
+            del raw["checked_pixels"]
         return json.dumps(raw, indent=1, sort_keys=True)
 
     @classmethod
@@ -127,6 +140,7 @@ class Manifest:
                 shard_root=str(root) if root else None,
                 version=version,
                 empty_classes=[str(name) for name in raw.get("empty_classes", [])],
+                checked_pixels=_checked_pixels(raw.get("checked_pixels")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"{where}: not a valid rtrain manifest ({exc!r})") from exc

@@ -67,6 +67,7 @@ def test_nothing_is_dropped_silently(folders_src, folders_out):
         manifest = Manifest.load(folders_out / split / MANIFEST_NAME)
         found = [p for p in (folders_src / split).rglob("*") if p.is_file()]
         assert manifest.num_samples + len(manifest.quarantined) == len(found)
+        assert manifest.checked_pixels == 89_478_485  # every header read against the budget (DALI relies on it)
         assert len(_samples(folders_out / split)) == manifest.num_samples
 
 

@@ -52,3 +52,25 @@ def test_ascii_label_rows_parse() -> None:
     rows = torch.tensor([[ord("7"), 0, 0], [ord("4"), ord("2"), 0], [ord("9"), ord("9"), ord("9")]],
                         dtype=torch.uint8)
     assert _labels_from_ascii(rows).tolist() == [7, 42, 999]
+
+
+def test_dali_needs_shards_whose_headers_were_checked_against_the_pixel_budget(tmp_path: Path) -> None:
+    """DALI decodes on the GPU with nothing rtrain can put in front of it: the split's manifest must attest
+    that data_prep read every header against a budget within data.max_image_pixels (what data_prep writes)."""
+    from test_loader_fixtures import write_split
+
+    from rtrain.data.dali import dali_pixel_problem
+    from rtrain.data.format import Manifest
+
+    manifest = write_split(tmp_path, "train", [3])  # shards written by hand: nobody checked their headers
+    problem = dali_pixel_problem(manifest, dali_cfg(), "/data/train")
+    assert problem.startswith("data.backend=dali: /data/train: nothing says its images were checked") \
+        and "data.max_image_pixels 89,478,485" in problem
+    manifest.checked_pixels = 10**9
+    assert "checked against 1,000,000,000 pixels, over data.max_image_pixels (89,478,485)" in \
+        dali_pixel_problem(manifest, dali_cfg(), "/data/train")
+    manifest.checked_pixels = 89_478_485
+    assert dali_pixel_problem(manifest, dali_cfg(), "/data/train") is None
+    assert Manifest.from_dict(__import__("json").loads(manifest.to_json())).checked_pixels == 89_478_485
+    with pytest.raises(ValueError, match="checked_pixels must be a positive integer"):
+        Manifest.from_dict({**__import__("json").loads(manifest.to_json()), "checked_pixels": "lots"})
