@@ -15,6 +15,7 @@ import hashlib
 import os
 import tarfile
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO
@@ -69,11 +70,25 @@ class ShardSource:
                 raise ValueError(f"{where}: over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
             manifest = Manifest.loads(text.decode("utf-8", "replace"), where=where)
         shard_root = normalized_location(resolve_shard_root(self.location, manifest.shard_root))
-        if not any(root_is_within(shard_root, base) for base in (self.base, *self.allowed_roots)):
+        if not all(any(root_is_within(seen, base) for base in bases) for seen, bases in self._root_views(
+                shard_root, manifest.shard_root)):
             raise ValueError(f"{where}: shard_root {manifest.shard_root!r} points to {shard_root}, outside "
                              f"data.source ({self.base}); list it in data.allowed_shard_roots to read it")
         self.shard_root = shard_root
         return manifest
+
+    def _root_views(self, shard_root: str, written: str | None) -> list[tuple[str, list[str]]]:
+        """The shard root as the containment check must see it, each with the bases it must lie in: as written
+        (normalized); for a URL also percent-decoded (`%2e%2e/` is `../` to most servers); for a folder the
+        manifest names (shard_root set), also with symlinks resolved (a link inside data.source may point out)."""
+        bases = [self.base, *self.allowed_roots]
+        views = [(shard_root, bases)]
+        if "://" in shard_root:
+            decoded = normalized_location(urllib.parse.unquote(shard_root))
+            views.append((decoded, [normalized_location(urllib.parse.unquote(b)) for b in bases]))
+        elif written:
+            views.append((os.path.realpath(shard_root), [os.path.realpath(b) for b in bases]))
+        return views
 
     @contextmanager
     def open_shard(self, entry: ShardEntry, verify_sha256: bool) -> Iterator[tarfile.TarFile]:

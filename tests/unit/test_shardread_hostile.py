@@ -211,3 +211,27 @@ def test_a_manifest_that_is_not_one_is_a_value_error(text: str) -> None:
 
     with pytest.raises(ValueError, match="m.json"):
         Manifest.loads(text, where="m.json")
+
+
+def test_a_shard_root_cannot_leave_the_source_through_a_symlink_or_percent_escapes(tmp_path: Path) -> None:
+    import json
+
+    from rtrain.data.sources import ShardSource
+
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "data" / "train" / "out").symlink_to(tmp_path / "secret")  # inside by name, outside in fact
+    manifest = tmp_path / "data" / "train" / "manifest.json"
+    manifest.write_text(json.dumps(_manifest([GOOD_ENTRY], shard_root="out")))
+    with pytest.raises(ValueError, match=r"shard_root 'out' .* outside data.source"):
+        ShardSource(str(tmp_path / "data"), "train").read_manifest()
+    ShardSource(str(tmp_path / "data"), "train", allowed_roots=[str(tmp_path / "secret")]).read_manifest()
+    (tmp_path / "data" / "train" / "real").mkdir()
+    manifest.write_text(json.dumps(_manifest([GOOD_ENTRY], shard_root="real")))
+    ShardSource(str(tmp_path / "data"), "train").read_manifest()  # a real folder inside: fine
+
+    source = ShardSource("http://127.0.0.1:9/data", "train")
+    for root, escapes in (("%2e%2e/%2E%2E/other", True), ("..%2fother", False), ("sub%20dir", False)):
+        checked = source._root_views(f"http://127.0.0.1:9/data/train/{root}", root)
+        inside = all(any(seen == b or seen.startswith(b + "/") for b in bases) for seen, bases in checked)
+        assert inside is not escapes, (root, checked)
