@@ -9,6 +9,7 @@ with the reason."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def _job_processes(job: int) -> list[int]:
 def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_identical(slurm, reference_run,
                                                                                        digits_shards, tmp_path):
     """One job does what a user's would: a run on Ray across both nodes, stopped by USR1 (checkpoint, requeue),
-    then resumed by SLURM to the end."""
+    stopped again by USR1 while the restart's Ray starts (requeue, nothing lost), then resumed to the end."""
     job = _sbatch(slurm, "rtrain.sbatch", tmp_path, _overrides(digits_shards, tmp_path, "requeued"))
     _first_checkpoint(slurm, job, tmp_path, "requeued")
     subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
@@ -141,11 +142,21 @@ def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_id
     [run] = mlflow_runs(tmp_path, "requeued")
     assert run.info.status == "KILLED"
 
+    # The requeued job is stopped again while Ray is still starting: requeued again, nothing trained or lost.
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
+    wait_for(lambda: _log(tmp_path, job).count("Ray head starting") >= 2, 300, "the restart's Ray start", poll_s=0.1)
+    subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
+    info = wait_for(lambda: (i := _job(slurm, job)).get("Restarts") == "2" and i["JobState"] == "PENDING" and i,
+                    300, "the second requeue")
+    log = _log(tmp_path, job)
+    assert re.search(r"stopped by (SIG)?USR1 before (the run|training) started", log), log[-3000:]
+    assert max(checkpoint_steps(tmp_path, "requeued")) == stopped_at
+
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
-    assert "restart 1" in log and "resumed from" in log
+    assert "restart 2" in log and "resumed from" in log
     assert f"Ray cluster at 127.0.0.1:{20000 + job % 10000} has 2 node(s)" in log
     assert "dist.launcher=ray dist.num_workers=2" in log  # the worker count comes from the allocation
     assert_same_weights(reference_run.weights(), final_weights(tmp_path, "requeued", STEPS), "the requeued run")
