@@ -232,6 +232,13 @@ class DistConfig(Section):
         return self.stall_timeout_s + 60.0 if self.stall_timeout_s > 0 else 1800.0
 
 
+# The recipe keys that make a checkpoint this run's: the model's parameters, the optimizer's state layout,
+# the data and its order. A resume whose recipe differs in one of them is refused (checkpoint.allow_changes).
+IDENTITY_KEYS = ("model.name", "model.shortcut", "model.stride_in", "model.num_classes", "model.depth",
+                 "optim.name", "optim.impl", "dist.engine", "dist.zero_stage", "data.source", "data.train_split",
+                 "train.global_batch", "run.seed")
+
+
 class CheckpointConfig(Section):
     dir: str | None = Field(None, description="Checkpoint root; None = <output_root>/<name>/checkpoints.")
     every_steps: int | None = Field(None, ge=1, description="Save every this many steps (None = per epoch).")
@@ -245,6 +252,18 @@ class CheckpointConfig(Section):
     preempt_grace_s: float = Field(
         60.0, gt=0, description="After SIGTERM/SIGUSR1/SIGINT: how long the launcher waits for every rank to "
         "stop at the next step and write its checkpoint before it kills them.")
+    allow_changes: list[str] = Field(
+        [], description="Run-identity keys (" + ", ".join(IDENTITY_KEYS) + ") that may differ from the checkpoint "
+        "being resumed: a deliberate change. Any other difference is refused before anything is loaded or written.")
+
+    @field_validator("allow_changes")
+    @classmethod
+    def _identity_keys_only(cls, keys: list[str]) -> list[str]:
+        unknown = [key for key in keys if key not in IDENTITY_KEYS]
+        if unknown:
+            raise ValueError(f"not run-identity keys: {unknown}; they are {list(IDENTITY_KEYS)} (other keys, "
+                             "e.g. optim.lr, may change on resume without asking)")
+        return keys
 
 
 LOG_CHECKPOINTS_FROM_BOOL = {False: "none", True: "upload"}  # the field's former yes/no meaning

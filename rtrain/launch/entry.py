@@ -10,6 +10,7 @@ summary comes back here and is printed as JSON. Heavy imports (torch, Ray) happe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,25 +22,43 @@ from rtrain.launch.preflight import PreflightError, preflight
 from rtrain.launch.recipe import prepare_recipe, write_resolved_recipe
 from rtrain.launch.signals import exit_code_for
 from rtrain.launch.errors import LaunchError
+from rtrain.launch.identity import check_resume_identity
+from rtrain.launch.owner import RunLock
 from rtrain.launch.workers import WorkerFn, default_worker, load_worker_or_fail
 
 
-def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int | None = None) -> dict:
-    """Validate and run `recipe` with its dist.launcher; returns rank 0's summary or raises LaunchError."""
+def run_owner(recipe: Recipe) -> contextlib.AbstractContextManager:
+    """Ownership of the run directory (rtrain.launch.owner) for a launch of `recipe` (paths pinned): taken
+    before anything is written into it. Another node's share of a multi-node local launch is part of node 0's
+    launch, which holds it."""
+    if recipe.dist.launcher == "local" and int(os.environ.get("RTRAIN_NODE_RANK", "0") or 0) > 0:
+        return contextlib.nullcontext()
+    return RunLock(recipe.run_dir)
+
+
+def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int | None = None,
+           owned: bool = False) -> dict:
+    """Validate and run `recipe` with its dist.launcher; returns rank 0's summary or raises LaunchError.
+    `owned`: the caller already holds the run directory (run_owner)."""
     recipe = prepare_recipe(recipe)
-    recipe_path = write_resolved_recipe(recipe)
-    worker_fn = worker_fn or default_worker()
-    d = recipe.dist
-    print(f"rtrain: run {recipe.run.name!r}: model {recipe.model.name}, {d.num_workers} worker(s) "
-          f"({'GPU/nccl' if d.use_gpu else 'CPU/gloo'}) via the {d.launcher} launcher; "
-          f"resolved recipe {recipe_path}", file=sys.stderr, flush=True)
-    if d.launcher == "local":
-        from rtrain.launch.local import launch_local
+    with contextlib.nullcontext() if owned else run_owner(recipe) as lock:
+        if lock is not None and lock.took_over_from:
+            print(f"rtrain: run directory {recipe.run_dir}: taking over from a launch that ended without "
+                  f"releasing it ({lock.took_over_from})", file=sys.stderr, flush=True)
+        check_resume_identity(recipe)  # before anything is written: a checkpoint of another run is refused
+        recipe_path = write_resolved_recipe(recipe)
+        worker_fn = worker_fn or default_worker()
+        d = recipe.dist
+        print(f"rtrain: run {recipe.run.name!r}: model {recipe.model.name}, {d.num_workers} worker(s) "
+              f"({'GPU/nccl' if d.use_gpu else 'CPU/gloo'}) via the {d.launcher} launcher; "
+              f"resolved recipe {recipe_path}", file=sys.stderr, flush=True)
+        if d.launcher == "local":
+            from rtrain.launch.local import launch_local
 
-        return launch_local(recipe, worker_fn)
-    from rtrain.launch.ray import launch_ray
+            return launch_local(recipe, worker_fn)
+        from rtrain.launch.ray import launch_ray
 
-    return launch_ray(recipe, worker_fn, recipe.dist.max_failures if max_failures is None else max_failures)
+        return launch_ray(recipe, worker_fn, recipe.dist.max_failures if max_failures is None else max_failures)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         worker_fn = load_worker_or_fail(args.worker) if args.worker else None
-        # Before any worker or Ray: a custom --worker may not read the recipe's data, so only its outputs count.
-        preflight(prepare_recipe(recipe), data=worker_fn is None)
-        summary = launch(recipe, worker_fn, max_failures=args.max_failures)
+        prepared = prepare_recipe(recipe)
+        with run_owner(prepared) as lock:  # a second launch of the run is refused before anything else
+            if lock is not None and lock.took_over_from:
+                print(f"rtrain: run directory {prepared.run_dir}: taking over from a launch that ended without "
+                      f"releasing it ({lock.took_over_from})", file=sys.stderr, flush=True)
+            # Before any worker or Ray: a custom --worker may not read the recipe's data: only its outputs count.
+            preflight(prepared, data=worker_fn is None)
+            summary = launch(recipe, worker_fn, max_failures=args.max_failures, owned=True)
     except RecipeError as exc:
         print(redact_url(str(exc)), file=sys.stderr)
         return 2

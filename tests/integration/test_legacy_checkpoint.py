@@ -35,7 +35,8 @@ def test_first_layout_checkpoint_resumes_bit_identically(digits_shards, tmp_path
            f"run.output_root={tmp_path / 'runs'}", "run.name=legacy", "dist.launcher=local",
            "model.name=cifar_resnet", "model.depth=8", "train.max_steps=4", "checkpoint.every_steps=2",
            "checkpoint.keep=10", "tracking.enabled=false", "train.log_every_steps=1", "eval.every_epochs=100",
-           "train.ema_decay=0.9"]
+           "train.ema_decay=0.9",
+           "checkpoint.allow_changes=[data.source]"]  # the fixture was written against /tmp/fx/shards
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr

@@ -31,6 +31,7 @@ from ray_runs import (
 )
 
 from rtrain.data.ledger import epoch_samples, read_ledger
+from rtrain.launch.owner import RunLock
 from rtrain.launch.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,6 +64,17 @@ def _start_and_signal(cmd, out, name: str, signum: int, *, group: bool = False):
         proc.wait()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), pids
+
+
+def _second_launch_refuses(cmd, run_dir, owner: int) -> None:
+    began = time.monotonic()
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=run_env())
+    took = time.monotonic() - began
+    assert second.returncode == 1, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rtrain: run directory {run_dir} is in use by another launch (host ") \
+        and f"pid {owner}, since " in last, last
+    assert "Traceback" not in second.stderr and took < 60, f"{took:.0f} s"
 
 
 def _check_stopped(done, pids, out, name: str, code: int, signal_name: str) -> int:
@@ -118,12 +130,18 @@ def test_ctrl_c_stops_with_a_checkpoint_and_exit_130(digits_shards, tmp_path):
 @pytest.mark.parametrize("launcher", ["local", "ray"])
 def test_a_sigkilled_launcher_takes_its_processes_with_it(digits_shards, tmp_path, launcher):
     """Local: the ranks and their loader workers. Ray: also the Ray it started (GCS, raylet, dashboard and
-    its agents, which Ray itself would leave behind) and the workers."""
+    its agents, which Ray itself would leave behind) and the workers. Before the kill, a second launch of the
+    same run refuses at once; after it, the dead launcher's run directory lock is free and taken over."""
     cmd = _cmd(digits_shards, tmp_path, "orphans", launcher, "train.max_steps=5000")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=run_env(),
                             start_new_session=True)
     try:
         wait_for(lambda: checkpoint_steps(tmp_path, "orphans"), 600, "the first checkpoint")
+        # The same command again while it runs: refused at once, nothing of the first run touched.
+        recorded = (tmp_path / "orphans" / "resolved_recipe.yaml").read_bytes()
+        _second_launch_refuses(cmd, tmp_path / "orphans", proc.pid)
+        assert (tmp_path / "orphans" / "resolved_recipe.yaml").read_bytes() == recorded
+        assert len(mlflow_runs(tmp_path, "orphans")) == 1
         pids = descendants(proc.pid)
         assert len(pids) >= 4  # 2 ranks and their loader workers
         if launcher == "ray":
@@ -135,6 +153,8 @@ def test_a_sigkilled_launcher_takes_its_processes_with_it(digits_shards, tmp_pat
         saved = checkpoint_steps(tmp_path, "orphans")
         time.sleep(5)
         assert checkpoint_steps(tmp_path, "orphans") == saved  # nobody trains on into the folder
+        with RunLock(tmp_path / "orphans") as lock:  # the dead launcher's lock: free, taken over by name
+            assert lock.took_over_from and f"pid {proc.pid}" in lock.took_over_from
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
