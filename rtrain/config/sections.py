@@ -45,7 +45,12 @@ class ModelConfig(Section):
     checkpoint_stages: bool | list[int] = Field(
         False, description="Activation checkpointing: true for all stages or a list of stage indices (1-based).")
     init_from: str | None = Field(
-        None, description="Optional torchvision-format state dict (.pt/.pth) to initialise the weights from.")
+        None, description="Optional torchvision-format state dict (.pt/.pth) to initialise the weights from. "
+        "Strict: every tensor of the file must match the model by name and shape, and every tensor of the model "
+        "must be in the file, except under model.init_from_skip.")
+    init_from_skip: list[str] = Field(
+        [], description="Parameter-name prefixes left freshly initialised by model.init_from, e.g. [fc] to "
+        "fine-tune onto another number of classes.")
 
 
 class DataConfig(Section):

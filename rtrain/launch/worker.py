@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from rtrain.launch.errors import EXPECTED_ERRORS
 from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
+from rtrain.tracking.null import run_id_from_state
 from rtrain.tracking.artifacts import layer_response_hook, log_final_weights, track_checkpoints
 from rtrain.tracking.run_info import describe_run
 
@@ -85,8 +87,16 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     quarantine = getattr(train_loader, "quarantine", None)
     if quarantine:
         run_tags["rtrain.quarantined"] = ", ".join(quarantine.names())[:4000]
-    parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if loaded else None,
-                                  run_tags=run_tags, resume_step=loaded.step if loaded else None)
+    # Records stay true: only this run's own checkpoints (in its checkpoint folder, which the run directory's
+    # owner holds) continue their MLflow run; another run's checkpoint (checkpoint.resume=PATH) starts a new
+    # MLflow run linked to its source, and the source run is never reopened or written to.
+    own = loaded is not None and _inside(loaded.path, recipe.checkpoint_dir)
+    if loaded is not None and not own:
+        run_tags[TAG_RESUMED_FROM_CHECKPOINT] = str(loaded.path)
+        if source_run := run_id_from_state(loaded.meta.get("tracking")):
+            run_tags[TAG_RESUMED_FROM_RUN] = source_run
+    parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if own else None,
+                                  run_tags=run_tags, resume_step=loaded.step if own else None)
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
     parts.after_epoch = layer_response_hook(recipe, rank, parts.tracker, normalizer)
     try:
@@ -104,6 +114,17 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     # Every rank returns its summary (a multi-node local launch hears how the run ended from its first
     # rank); launchers print rank 0's.
     return _report({**summary, "rank": rank}, parts, manager, world, preempted=bool(summary.get("preempted")))
+
+
+TAG_RESUMED_FROM_CHECKPOINT = "rtrain.resumed_from_checkpoint"
+TAG_RESUMED_FROM_RUN = "rtrain.resumed_from_run"
+
+
+def _inside(path: Any, folder: Any) -> bool:
+    try:
+        return Path(path).resolve().parent == Path(folder).resolve()
+    except OSError:
+        return False
 
 
 def _suspect_recorder(guard: CrashGuard | None, loader: Any) -> Any:

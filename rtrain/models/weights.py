@@ -184,6 +184,10 @@ class WeightsFileError(ExpectedError, ValueError):
     """A weights file could not be read, or holds something other than a state dict of tensors."""
 
 
+class InitFromError(ExpectedError, ValueError):
+    """model.init_from's weights do not fit the model (names or shapes); the message names the file."""
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict file from elsewhere (e.g. torchvision's .pth), read with weights_only=True on the CPU."""
     try:

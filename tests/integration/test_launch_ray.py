@@ -54,7 +54,7 @@ def test_driver_on_an_external_head_reports_a_real_failure_in_one_line(head, dig
                           env=_ray_env(head.address))
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert re.match(r"rtrain: Ray Train run 'broken' failed: rank [01] failed: WeightsFileError", last), last
+    assert re.match(r"rtrain: Ray Train run 'broken' failed: rank [01] failed: WeightsFileError: model.init_from: ", last), last
     assert f"{tmp_path}/none.pt: cannot read weights" in last and "no checkpoint was saved yet" in last
 
 

@@ -204,3 +204,24 @@ def test_the_postgres_store_wants_its_password_which_is_written_nowhere_else(ser
             assert password.encode() not in path.read_bytes(), path
     for pid in (int(server.pid_file.read_text()), pg.pid):
         assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_resuming_another_runs_checkpoint_starts_a_new_run_and_leaves_that_one_as_it_was(straight, server, client,
+                                                                                       digits_shards, tmp_path):
+    if server.backend != "sqlite":
+        pytest.skip("the rule is rtrain's, not the store's: one backend shows it")
+    source = straight.data.tags["rtrain.checkpoint.step-000000010"].removeprefix("file://")
+    before = client.get_run(straight.info.run_id)
+    before_artifacts = sorted(artifact_paths(client, straight.info.run_id))
+    done = _run(_cmd(digits_shards, tmp_path, server, "adopter", f"checkpoint.resume={source}"))
+    assert "resumed from" in done.stderr
+    adopter = _one_run(client, "adopter")
+    assert adopter.info.run_id != straight.info.run_id and adopter.info.status == "FINISHED"
+    assert adopter.data.tags["rtrain.resumed_from_run"] == straight.info.run_id
+    assert adopter.data.tags["rtrain.resumed_from_checkpoint"] == source
+    assert metric_steps(client, adopter.info.run_id, "train/loss") == list(range(11, STEPS + 1))
+    after = client.get_run(straight.info.run_id)
+    assert after.data.tags == before.data.tags and after.data.params == before.data.params
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert sorted(artifact_paths(client, straight.info.run_id)) == before_artifacts
+    assert metric_steps(client, straight.info.run_id, "train/loss") == list(range(1, STEPS + 1))

@@ -114,7 +114,7 @@ def test_an_expected_failure_in_the_ranks_ends_in_one_line(digits_shards, tmp_pa
     done = _garbage_init(digits_shards, tmp_path, launcher)
     assert done.returncode == 1
     last = _lines(done)[-1]
-    assert re.search(rf"rank \d failed: WeightsFileError: {tmp_path}/not-weights.pt: cannot read weights", last)
+    assert re.search(rf"rank \d failed: WeightsFileError: model.init_from: {tmp_path}/not-weights.pt: cannot read weights", last)
     if launcher == "local":
         assert "Traceback" not in done.stderr  # each rank says it in one line; the launcher names the first
     else:  # Ray's own log lines repeat the worker's error, with one frame of rtrain's at most

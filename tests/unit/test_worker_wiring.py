@@ -52,12 +52,33 @@ def test_init_from_torchvision_weights_with_a_new_head(tmp_path):
     source = model_from_recipe(_recipe("model.name=resnet18"), 1000)
     path = tmp_path / "tv.pt"
     torch.save(export_torchvision(source), path)
-    r = _recipe("model.name=resnet18", f"model.init_from={path}", "run.seed=5")
+    r = _recipe("model.name=resnet18", f"model.init_from={path}", "run.seed=5", "model.init_from_skip=[fc]")
     tuned = model_from_recipe(r, 10)
     assert torch.equal(tuned.conv1.weight, source.conv1.weight)
     assert tuned.fc.out_features == 10
-    same = model_from_recipe(r.with_overrides(["run.seed=0"]), 1000)
+    same = model_from_recipe(_recipe("model.name=resnet18", f"model.init_from={path}"), 1000)
     assert torch.equal(same.fc.weight, source.fc.weight)
+
+
+def test_init_from_is_strict_unless_told_what_to_leave_out(tmp_path):
+    """A deeper net's file and another class count are refused in one line naming model.init_from and the
+    file; nothing is dropped silently."""
+    from rtrain.models.weights import InitFromError
+
+    deeper = tmp_path / "resnet34.pt"
+    torch.save(export_torchvision(model_from_recipe(_recipe("model.name=resnet34"), 1000)), deeper)
+    with pytest.raises(InitFromError, match=rf"^model.init_from={deeper}: does not fit resnet18: \d+ tensor\(s\) of "
+                                            r"the file have no place in resnet18 \(first: layer1.2"):
+        model_from_recipe(_recipe("model.name=resnet18", f"model.init_from={deeper}"), 1000)
+    with pytest.raises(InitFromError, match=r"fc.weight.*model.init_from_skip=\[fc\]"):
+        model_from_recipe(_recipe("model.name=resnet34", f"model.init_from={deeper}"), 10)
+    tuned = model_from_recipe(_recipe("model.name=resnet34", f"model.init_from={deeper}",
+                                      "model.init_from_skip=[fc]"), 10)
+    assert tuned.fc.out_features == 10
+    shallow = tmp_path / "resnet18.pt"
+    torch.save(export_torchvision(model_from_recipe(_recipe("model.name=resnet18"), 1000)), shallow)
+    with pytest.raises(InitFromError, match=r"tensor\(s\) of resnet34 are not in the file \(first: layer1.2"):
+        model_from_recipe(_recipe("model.name=resnet34", f"model.init_from={shallow}"), 1000)
 
 
 def test_shipped_recipes_name_registered_models():
