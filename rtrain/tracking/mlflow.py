@@ -32,7 +32,7 @@ from rtrain.tracking.null import (
 )
 from rtrain.tracking.outbox import OUTBOX_NAME, Outbox
 from rtrain.tracking.run_info import TAG_ERROR, error_text, http_environment
-from rtrain.tracking.uri import TrackingError, default_artifact_location, resolve_tracking_uri
+from rtrain.tracking.uri import TrackingError, default_artifact_location, embedded_store_lock, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -105,7 +105,9 @@ class MlflowTracker:
         # None = no limit (a tracker outside a run).
         self._artifact_roots = None if artifact_roots is None else [Path(r).resolve() for r in artifact_roots]
         self.uri = resolve_tracking_uri(uri)
-        self._client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        with embedded_store_lock(self.uri):  # a new sqlite store's tables are made by one process at a time
+            self._client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+            self._client._tracking_client.store  # noqa: B018 - builds (creates/migrates) the store now
         self._finished = False
         self._outbox = Outbox(outbox) if outbox is not None else None
         self._reconnect_every_s = reconnect_every_s

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rtrain._errors import ExpectedError
@@ -31,6 +34,23 @@ def resolve_tracking_uri(uri: str) -> str:
             f"tracking.uri={uri!r}: MLflow's file store is disabled; use sqlite:///path/to/mlflow.db "
             "or an http(s):// tracking server")
     return uri
+
+
+@contextmanager
+def embedded_store_lock(uri: str) -> Iterator[None]:
+    """One process at a time creates or migrates an embedded (sqlite) store: MLflow's table creation from two
+    processes at once fails ("No such index: ..."), and runs started together (a sweep, `rtrain compare`'s
+    candidates) share one file. A lock file beside the database (flock: released however the holder ends)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".rtrain-lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def default_artifact_location(uri: str) -> str | None:
