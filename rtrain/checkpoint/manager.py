@@ -16,6 +16,7 @@ Every rank must call save() for every checkpointed step; `shared` and `meta` are
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,30 @@ def _check_arguments(keep: Any, rank: Any, world_size: Any, finalize_timeout_s: 
         raise ValueError(f"CheckpointManager rank must be in [0, {world_size}), got {rank!r}")
     if not finalize_timeout_s > 0:
         raise ValueError(f"CheckpointManager finalize_timeout_s must be > 0, got {finalize_timeout_s!r}")
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EIO: "input/output error",
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+LOW_SPACE_BYTES = 64 << 20
+
+
+def storage_failure(root: Path, error: BaseException) -> str | None:
+    """What a failed write says about the storage under `root`, in words (None: not a storage failure). torch's
+    writer reports a full disk as `[enforce fail at inline_container.cc] . unexpected pos`, without an errno:
+    then the free space decides."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return f"{_STORAGE_ERRNOS[error.errno]} ({errno.errorcode[error.errno]})"
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        try:
+            free = shutil.disk_usage(root).free
+        except OSError:
+            free = None
+        if free is not None and free < LOW_SPACE_BYTES:
+            return f"no space left on device ({free >> 20} MiB free; torch's writer failed)"
+        return f"the write failed ({text.splitlines()[0][:200]})"
+    return None
 
 
 class CheckpointManager:
@@ -227,7 +252,20 @@ class CheckpointManager:
 
     def _write(self, job: SaveJob) -> None:
         """Runs in the caller's thread or the background thread."""
-        if self._commit.commit(job) is not None:  # rank 0, once the step is published
+        try:
+            published = self._commit.commit(job)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError) as error:
+            cause = storage_failure(self.root, error)
+            if cause is None:
+                raise
+            saved = self.list()
+            newest = f"the newest verified checkpoint is {saved[0]}" if saved else "no checkpoint was saved yet"
+            raise CheckpointError(
+                f"{self.root / files.step_dir_name(job.step)}: cannot write the checkpoint: {cause}; {newest}: "
+                "free space (or fix the storage) and rerun the same command to resume") from None
+        if published is not None:  # rank 0, once the step is published
             self._prune(job.step)
 
     def _publish(self, tmp_dir: Path, final_dir: Path) -> None:
