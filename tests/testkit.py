@@ -4,11 +4,16 @@ ports, running `python -m ...` from the repository, and folders built once per s
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from rtrain._ports import unused_port
@@ -45,3 +50,43 @@ def shared_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> P
             build(folder)
             done.touch()
     return folder
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class TricklingHandler(QuietHandler):
+    """Serves a folder; the file whose path ends with `stalls` sends its first KiBs, then a byte every 0.3 s:
+    every read returns before any socket timeout, the file never ends (a stalled store, a slow-loris server)."""
+
+    stalls = ""
+    head = 1024
+
+    def copyfile(self, source, outputfile) -> None:
+        if not self.stalls or not self.path.endswith(self.stalls):
+            return super().copyfile(source, outputfile)
+        outputfile.write(source.read(self.head))
+        try:
+            while byte := source.read(1):
+                outputfile.write(byte)
+                outputfile.flush()
+                time.sleep(0.3)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@contextmanager
+def http_folder(root: Path, stalls: str = "", head: int = 1024) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving `root` (one file trickling, see TricklingHandler); its URL."""
+    handler = type("Handler", (TricklingHandler,), {"stalls": stalls, "head": head})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+

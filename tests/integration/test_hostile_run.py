@@ -10,7 +10,6 @@ the bomb alone would take ~10 GB."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -18,14 +17,13 @@ import shutil
 import subprocess
 import tarfile
 import threading
-import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from ray_runs import REPO, descendants, launch_command, mlflow_runs, quickstart_overrides, run_env
+from testkit import http_folder
 
 from rtrain._process import EXIT_STALLED
 
@@ -33,23 +31,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STALLS, LIES, BOMB = "train-000005.tar", "train-000006.tar", "train-000007.tar"
 MAX_RSS = 3 << 30
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def copyfile(self, source, outputfile) -> None:
-        if not self.path.endswith(STALLS):
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(4096))
-        try:
-            while byte := source.read(1):
-                outputfile.write(byte)
-                outputfile.flush()
-                time.sleep(0.3)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
 
 def _bomb() -> bytes:
@@ -143,15 +124,11 @@ def _attempt(cmd: list[str]) -> tuple[int, str, dict]:
 
 def test_stalled_lying_and_bomb_shards_quarantine_skip_and_finish_in_bounded_memory(digits_shards, tmp_path):
     lying, bomb_key = _hostile_copy(digits_shards, tmp_path / "data")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(tmp_path / "data")))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    cmd = launch_command(quickstart_overrides(Path("/unused"), tmp_path, "hostile", 14, "dist.launcher=local",
-                                              "data.on_bad_sample=skip", "data.loader_timeout_s=4"))
-    cmd = [item if not item.startswith("data.source=") else f"data.source={url}" for item in cmd]
-    peaks: dict = {}
-    try:
+    with http_folder(tmp_path / "data", stalls=STALLS, head=4096) as url:
+        cmd = launch_command(quickstart_overrides(Path("/unused"), tmp_path, "hostile", 14, "dist.launcher=local",
+                                                  "data.on_bad_sample=skip", "data.loader_timeout_s=4"))
+        cmd = [item if not item.startswith("data.source=") else f"data.source={url}" for item in cmd]
+        peaks: dict = {}
         for attempt in (1, 2):
             code, stderr, seen = _attempt(cmd)
             peaks.update(seen)
@@ -161,9 +138,6 @@ def test_stalled_lying_and_bomb_shards_quarantine_skip_and_finish_in_bounded_mem
             assert f"on shard {STALLS}" in last and "Traceback" not in stderr, last
         code, stderr, seen = _attempt(cmd)
         peaks.update(seen)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert code == 0, stderr[-4000:]
     assert f"quarantined for this run (stalled or killed a rank in two attempts; see suspects.jsonl in the run " \
            f"directory): shard {STALLS}" in stderr

@@ -6,7 +6,6 @@ import functools
 import json
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,11 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_loader_fixtures import small_cfg, write_split
+from testkit import http_folder
 
 from rtrain.data import ShardError, build_loader
+from rtrain.data.format import shard_name
 from rtrain.data.suspects import CrashGuard
 from rtrain.data.worker import LoaderStall
-from rtrain.data.format import shard_name
 
 pytestmark = pytest.mark.integration
 
@@ -88,55 +88,31 @@ def test_missing_remote_manifest_is_named(served: tuple[Path, str]) -> None:
         build_loader(small_cfg(url), "nosuch", rank=0, world_size=1, batch_size=4, seed=2, train=True)
 
 
-class TricklingHandler(QuietHandler):
-    """Serves every file; one shard's body stops after its first KiB and then trickles a byte every 0.3 s: each
-    read returns before any socket timeout, the shard never ends (a stalled store, a slow-loris server)."""
-
-    stalls: str = ""
-
-    def copyfile(self, source, outputfile) -> None:
-        if not self.path.endswith(self.stalls):
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(1024))
-        try:
-            while byte := source.read(1):
-                outputfile.write(byte)
-                outputfile.flush()
-                time.sleep(0.3)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-
 def test_a_shard_that_stalls_the_loader_twice_is_quarantined_on_the_third_attempt(tmp_path: Path) -> None:
     """Three starts of one run (three attempts), a loader worker process each, a real HTTP server whose shard 2
     stalls: the first two end in a LoaderStall naming the shard and record it; the third leaves it out, reads
     everything else, and says so."""
     write_split(tmp_path / "data", "train", [6, 9, 4, 7], size=(48, 36))
     stalling = shard_name("train", 2)
-    handler = functools.partial(type("H", (TricklingHandler,), {"stalls": stalling}), directory=str(tmp_path / "data"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    run_dir = tmp_path / "run"
-    cfg = small_cfg(f"http://127.0.0.1:{server.server_address[1]}", num_workers=1, loader_timeout_s=2,
-                    on_bad_sample="raise")
-    try:
-        for attempt in ("a1", "a2"):
-            guard = CrashGuard(run_dir, run_dir / "heartbeats" / attempt, attempt, 0)
-            loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=4, seed=2, train=True, guard=guard)
-            assert not loader.quarantine
-            with pytest.raises(LoaderStall, match=rf"rank 0: no batch .* on shard {stalling}\b"):
-                for _ in loader:
-                    pass
-        records = [json.loads(line) for line in (run_dir / "suspects.jsonl").read_text().splitlines()]
-        assert [(r["attempt"], r["shard"], r["sample"]) for r in records] == [("a1", stalling, None),
-                                                                               ("a2", stalling, None)]
-        guard = CrashGuard(run_dir, run_dir / "heartbeats" / "a3", "a3", 0)
+    with http_folder(tmp_path / "data", stalls=stalling) as url:
+        _three_attempts(tmp_path / "run", url, stalling)
+
+
+def _three_attempts(run_dir: Path, url: str, stalling: str) -> None:
+    cfg = small_cfg(url, num_workers=1, loader_timeout_s=2, on_bad_sample="raise")
+    for attempt in ("a1", "a2"):
+        guard = CrashGuard(run_dir, run_dir / "heartbeats" / attempt, attempt, 0)
         loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=4, seed=2, train=True, guard=guard)
-        assert loader.quarantine.names() == [f"shard {stalling}"]
-        used = sum(len(y) for _, y in loader)  # under on_bad_sample: raise too: quarantine is not a bad sample
-        assert used + loader.stats["skipped_samples"] == 24 and loader.stats["skipped_samples"] == 4
-        assert loader.skipped_by_shard == {stalling: 4}
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert not loader.quarantine
+        with pytest.raises(LoaderStall, match=rf"rank 0: no batch .* on shard {stalling}\b"):
+            for _ in loader:
+                pass
+    records = [json.loads(line) for line in (run_dir / "suspects.jsonl").read_text().splitlines()]
+    assert [(r["attempt"], r["shard"], r["sample"]) for r in records] == [("a1", stalling, None),
+                                                                           ("a2", stalling, None)]
+    guard = CrashGuard(run_dir, run_dir / "heartbeats" / "a3", "a3", 0)
+    loader = build_loader(cfg, "train", rank=0, world_size=1, batch_size=4, seed=2, train=True, guard=guard)
+    assert loader.quarantine.names() == [f"shard {stalling}"]
+    used = sum(len(y) for _, y in loader)  # under on_bad_sample: raise too: quarantine is not a bad sample
+    assert used + loader.stats["skipped_samples"] == 24 and loader.stats["skipped_samples"] == 4
+    assert loader.skipped_by_shard == {stalling: 4}
