@@ -83,14 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         worker_fn = load_worker_or_fail(args.worker) if args.worker else None
-        prepared = prepare_recipe(recipe)
-        with run_owner(prepared) as lock:  # a second launch of the run is refused before anything else
-            if lock is not None and lock.took_over_from:
-                print(f"rtrain: run directory {prepared.run_dir}: taking over from a launch that ended without "
-                      f"releasing it ({lock.took_over_from})", file=sys.stderr, flush=True)
-            # Before any worker or Ray: a custom --worker may not read the recipe's data: only its outputs count.
-            preflight(prepared, data=worker_fn is None)
-            summary = launch(recipe, worker_fn, max_failures=args.max_failures, owned=True)
+        # Before any worker or Ray, and before the run directory is made or taken (preflight writes nothing):
+        # a custom --worker may not read the recipe's data, so only its outputs count.
+        preflight(prepare_recipe(recipe), data=worker_fn is None)
+        summary = launch(recipe, worker_fn, max_failures=args.max_failures)
     except RecipeError as exc:
         print(redact_url(str(exc)), file=sys.stderr)
         return 2

@@ -62,7 +62,11 @@ class LauncherSignals:
         self.received = name
         self.deadline = time.monotonic() + self.grace_s
         self.request.parent.mkdir(parents=True, exist_ok=True)
-        self.request.write_text(f"{name}\n")
+        # Whole or absent, never empty: a rank that saw an empty file took the stop for a SIGTERM (seen once
+        # under load: Ctrl-C reported as "stopped by SIGTERM", exit 75 instead of 130).
+        temp = self.request.with_name(f"{self.request.name}.{os.getpid()}")
+        temp.write_text(f"{name}\n")
+        os.replace(temp, self.request)
         print(f"rtrain: {name} received: every rank stops after its current step and checkpoints "
               f"(grace {self.grace_s:g} s)", file=sys.stderr, flush=True)
 

@@ -50,7 +50,7 @@ def init_from(model: nn.Module, name: str, path: str, skip: list[str]) -> None:
         state = {k: v for k, v in strip_wrapper_prefixes(load_weights_file(path)).items() if not skipped(k)}
         report = import_torchvision(model, state, strict=False)  # a shape mismatch raises here
     except WeightsFileError as exc:  # its message names the file
-        raise WeightsFileError(f"model.init_from: {exc}") from None
+        raise WeightsFileError(f"model.init_from: {exc}") from exc  # --debug shows where it was read
     except ValueError as exc:
         raise InitFromError(f"{where}: does not fit {name}: {exc}{hint if 'fc.' in str(exc) else ''}") from None
     missing = [k for k in report.missing_keys if not skipped(k)]
