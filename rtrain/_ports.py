@@ -59,7 +59,8 @@ def unused_port(host: str = LOOPBACK) -> int:
         draw = random.SystemRandom()
         for _ in range(_TRIES):
             port = draw.randint(*span)
-            if _bindable(host, port):
+            # Free on `host` and on every address: a server (torch's TCPStore) may listen on all of them.
+            if _bindable(host, port) and (host == "" or _bindable("", port)):
                 return port
     with socket.socket() as s:
         s.bind((host, 0))

@@ -31,15 +31,23 @@ def private_dir(path: str | Path, owners: Sequence[int] = ()) -> Path:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise ServiceError(f"{path} is a symlink or not a folder: refusing to keep a service's state there "
-                           "(remove it if it is yours)")
-    if info.st_uid != os.geteuid() and info.st_uid not in owners:
-        raise ServiceError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}): refusing "
-                           "to keep a service's state there; pick another folder")
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
-        os.chmod(path, 0o700)
+    try:  # the folder itself, never what a symlink in its place points to (checked and changed through one fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ServiceError(f"{path} is a symlink or not a folder ({os.strerror(exc.errno)}): refusing to keep a "
+                           "service's state there (remove it if it is yours)") from None
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid() and info.st_uid not in owners:
+            raise ServiceError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}): "
+                               "refusing to keep a service's state there; pick another folder")
+        if info.st_mode & 0o022:  # others could have put files in it already
+            raise ServiceError(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}): refusing "
+                               "to trust what is in it; remove it or pick another folder")
+        if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 

@@ -72,7 +72,8 @@ class ShardLoader:
         self.ledger = SampleLedger(ledger, rank) if ledger is not None else None  # see rtrain.data.ledger
         # No crash loop (rtrain.data.suspects): what stalled or killed a rank in two attempts is left out.
         self.guard = guard
-        self.quarantine = quarantine_of(guard.run_dir) if guard is not None else Quarantine()
+        self.quarantine = (quarantine_of(guard.run_dir, counts={e.name: e.count for e in self.manifest.shards})
+                           if guard is not None else Quarantine())
         self.marks = (ReadingMarks(marks_path(guard.folder, rank), self.layout.slots_per_rank, create=True)
                       if guard is not None else None)
         if self.quarantine and rank == 0:
@@ -264,7 +265,7 @@ class EpochIterator:
             return next(self._items)
         except RuntimeError as exc:
             task, cfg = self.task, self.loader.cfg
-            if "timed out" in str(exc):
+            if str(exc).startswith("DataLoader timed out after"):
                 suspect = self._record([awaited], f"no batch in {cfg.loader_timeout_s:g} s (data.loader_timeout_s)")
                 self._stop_stuck_workers()
                 more = " ..." if len(task.shards) > 4 else ""
@@ -274,11 +275,13 @@ class EpochIterator:
                     f"rank {task.rank}: no batch from its {cfg.num_workers} loader worker process(es) in "
                     f"{cfg.loader_timeout_s:g} s (data.loader_timeout_s): a worker is stuck reading or decoding; "
                     f"epoch {task.epoch}, rank batch {self.loader._state.batches_done}, {where}") from None
-            if "DataLoader worker" in str(exc):  # a worker process died (killed by a signal, crashed)
+            # A worker process that died (killed by a signal, crashed in a decoder) is evidence against what it
+            # was on; an exception a worker raised and DataLoader re-raises ("Caught ... in DataLoader worker") is
+            # not: the worker lives, and its error says what went wrong.
+            if str(exc).startswith("DataLoader worker") and "Caught" not in str(exc):
                 workers = getattr(self._items, "_workers", [])
                 dead = [w for w, proc in enumerate(workers) if not proc.is_alive()]
-                self._record([(task.batches_done + w) % slots for w in dead] or [awaited],
-                             " ".join(str(exc).split())[:200])
+                self._record([(task.batches_done + w) % slots for w in dead], " ".join(str(exc).split())[:200])
             raise
 
     def _stop_stuck_workers(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,16 @@ class ReadingMarks:
     def __init__(self, path: Path, slots: int, create: bool = False):
         self.path, self.slots = Path(path), slots
         size = (1 + 2 * slots) * 8
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as f:
-                f.write(np.full(1 + 2 * slots, NONE, dtype=np.int64).tobytes())
-        fd = os.open(self.path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+            flags |= os.O_CREAT | os.O_TRUNC
+        fd = os.open(self.path, flags, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{self.path}: not a regular file")
+            if create:
+                os.write(fd, np.full(1 + 2 * slots, NONE, dtype=np.int64).tobytes())
             if os.fstat(fd).st_size != size:
                 raise ValueError(f"{self.path}: {os.fstat(fd).st_size} bytes, expected {size} for {slots} slot(s)")
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED)
@@ -116,9 +121,11 @@ def record(run_dir: Path, attempt: str, rank: int, suspect: Suspect, why: str) -
     """Append one record (one write of one line: whole even when ranks append at once)."""
     line = json.dumps({"attempt": attempt, "rank": rank, "shard": suspect.shard, "sample": suspect.sample,
                        "why": why[:300]}) + "\n"
-    fd = os.open(Path(run_dir) / SUSPECTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                 0o644)
+    fd = os.open(Path(run_dir) / SUSPECTS_FILE,
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{Path(run_dir) / SUSPECTS_FILE}: not a regular file")
         os.write(fd, line.encode())
     finally:
         os.close(fd)
@@ -127,20 +134,26 @@ def record(run_dir: Path, attempt: str, rank: int, suspect: Suspect, why: str) -
 def _records(run_dir: Path) -> Iterable[dict]:
     path = Path(run_dir) / SUSPECTS_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return []
-    with os.fdopen(fd, "rb") as f:
-        if not os.path.isfile(path):
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return []
-        size = os.fstat(f.fileno()).st_size
-        f.seek(max(0, size - MAX_SUSPECTS_BYTES))
-        text = f.read(MAX_SUSPECTS_BYTES).decode(errors="replace")
+        os.lseek(fd, max(0, info.st_size - MAX_SUSPECTS_BYTES), os.SEEK_SET)
+        text = os.read(fd, MAX_SUSPECTS_BYTES).decode(errors="replace")
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
     found = []
     for line in text.splitlines():
+        if len(line) > 4096:
+            continue  # records are ~150 bytes
         try:
             item = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a torn or edited line: not evidence
         if isinstance(item, dict) and isinstance(item.get("shard"), str) and isinstance(item.get("attempt"), str):
             sample = item.get("sample")
@@ -162,13 +175,17 @@ class Quarantine:
                       + [Suspect(s, p).describe() for s, p in self.samples])
 
 
-def quarantine_of(run_dir: Path | None, repeats: int = 2) -> Quarantine:
-    """What this run leaves out: every suspect recorded by `repeats` or more different attempts."""
+def quarantine_of(run_dir: Path | None, repeats: int = 2, counts: dict[str, int] | None = None) -> Quarantine:
+    """What this run leaves out: every suspect recorded by `repeats` or more different attempts (with `counts`,
+    shard name -> samples from the manifest, only shards and positions that exist)."""
     if run_dir is None:
         return Quarantine()
     attempts: dict[Suspect, set[str]] = {}
     for item in _records(run_dir):
-        attempts.setdefault(Suspect(item["shard"], item.get("sample")), set()).add(item["attempt"])
+        shard, sample = item["shard"], item.get("sample")
+        if counts is not None and (shard not in counts or (sample is not None and sample >= counts[shard])):
+            continue
+        attempts.setdefault(Suspect(shard, sample), set()).add(item["attempt"])
     chosen = [s for s, seen in attempts.items() if len(seen) >= repeats]
     return Quarantine(frozenset(s.shard for s in chosen if s.sample is None),
                       frozenset((s.shard, s.sample) for s in chosen if s.sample is not None))

@@ -202,6 +202,7 @@ class SlotReader:
                  claim: Callable[[], tuple[int, torch.Tensor] | None] | None = None):
         self.task = task
         self.slot = slot
+        self.shard_index: int | None = None  # the shard being read (for the marks)
         self.claim = claim
         self.plan = slot_plan(task.geometry, task.rank, slot, seed=task.seed, epoch=task.epoch,
                               segment=task.segment)
@@ -235,9 +236,11 @@ class SlotReader:
             assembler.add(label, int(sample_id))
             if assembler.full:
                 images, labels, ids = assembler.take()
-                if marks is not None:
-                    marks.decoding(slot, NONE)
+                if marks is not None:  # idle while the batch waits to be taken: nothing read, nothing decoded
+                    marks.idle(slot)
                 yield images, labels, ids, self.take_tally()
+                if marks is not None and self.shard_index is not None:
+                    marks.reading(slot, self.shard_index)
         if marks is not None:
             marks.idle(slot)
 
@@ -272,6 +275,7 @@ class SlotReader:
             for position in positions:
                 yield position, ShardDamage(entry.name, 0, entry.count, "quarantined for this run")
             return
+        self.shard_index = shard_index
         if self.task.marks is not None:
             self.task.marks.reading(self.slot, shard_index)
         location = self.task.source.shard_location(entry.name)

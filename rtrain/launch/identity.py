@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from rtrain.config import Recipe, RecipeError, loads_recipe
-from rtrain.config.redact import redact_url
+from rtrain.config import Recipe, RecipeError, recipe_from_dict
+from rtrain.config.redact import drop_redacted, redact_url
 from rtrain.config.sections import IDENTITY_KEYS
 
 
@@ -31,17 +31,33 @@ def _value(raw: dict, key: str) -> Any:
 _MISSING = object()
 
 
+MAX_RECIPE_CHARS = 1 << 20  # a resolved recipe is a few KB
+
+
+class _NoAliases(yaml.SafeLoader):
+    """A recipe has no anchors or aliases; a checkpoint's text that uses them (a billion laughs) is refused."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("aliases are not allowed in a recipe")
+        return super().compose_node(parent, index)
+
+
 def _identity(recipe_yaml: str) -> dict[str, Any]:
-    """The identity of a saved recipe; keys it cannot tell are left out (not compared)."""
+    """The identity of a saved recipe; keys it cannot tell are left out (not compared). The text comes from a
+    checkpoint (anyone who could write there wrote it): bounded in size, no aliases, any failure = unknown."""
+    if len(recipe_yaml) > MAX_RECIPE_CHARS:
+        return {}
     try:
-        raw = loads_recipe(recipe_yaml, where="checkpoint recipe").model_dump(mode="json")
-    except RecipeError:  # written by another rtrain whose schema differed: compare what it says
-        try:
-            raw = yaml.safe_load(recipe_yaml)
-        except yaml.YAMLError:
-            return {}
-        if not isinstance(raw, dict):
-            return {}
+        raw = yaml.load(recipe_yaml, Loader=_NoAliases)  # noqa: S506 - a SafeLoader without aliases
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError, OverflowError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    try:  # today's schema fills in keys added since (their defaults)
+        raw = recipe_from_dict(drop_redacted(raw), where="checkpoint recipe").model_dump(mode="json")
+    except (RecipeError, ValueError, TypeError, RecursionError):
+        pass  # written by another rtrain whose schema differed: compare what it says
     found = {key: _value(raw, key) for key in IDENTITY_KEYS}
     return {key: value for key, value in found.items() if value is not _MISSING}
 

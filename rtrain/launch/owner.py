@@ -19,7 +19,9 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -37,10 +39,19 @@ class RunInUse(LaunchError):
     exit_code = 1
 
 
+def _plain(value: object, limit: int = 100) -> str:
+    """A value from owner.json (anyone who can write the run directory can write it) as printable text."""
+    text = str(value)[:limit]
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 def _describe(owner: dict) -> str:
     since = owner.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-    return f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, since {when}"
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = "?"
+    return f"host {_plain(owner.get('host', '?'))}, pid {_plain(owner.get('pid', '?'), 20)}, since {when}"
 
 
 class RunLock:
@@ -72,10 +83,15 @@ class RunLock:
                 return self
             raise
         self._fd = fd
-        previous = self._owner()
-        if previous and (previous.get("host") != socket.gethostname() or previous.get("pid") != os.getpid()):
-            self.took_over_from = _describe(previous)
-        self._write_owner()
+        try:
+            previous = self._owner()
+            if previous and (previous.get("host") != socket.gethostname() or previous.get("pid") != os.getpid()):
+                self.took_over_from = _describe(previous)
+            self._write_owner()
+        except BaseException:
+            self._fd = None
+            os.close(fd)  # never keep the lock of a launch that did not start
+            raise
         return self
 
     def release(self) -> None:
@@ -95,16 +111,26 @@ class RunLock:
         self.release()
 
     def _owner(self) -> dict | None:
+        """owner.json if it is a small regular file holding a JSON object (never blocks on a FIFO)."""
         try:
-            with open(self.run_dir / OWNER_NAME, "rb") as f:
-                raw = json.loads(f.read(65536))
-            return raw if isinstance(raw, dict) else None
-        except (OSError, ValueError):
+            fd = os.open(self.run_dir / OWNER_NAME, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = json.loads(os.read(fd, 65536))
+            return raw if isinstance(raw, dict) else None
+        except (OSError, ValueError, RecursionError):
+            return None
+        finally:
+            os.close(fd)
 
     def _write_owner(self) -> None:
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}  # no command line:
         # its overrides may carry credentials
-        temp = self.run_dir / f".{OWNER_NAME}.{os.getpid()}"
-        temp.write_text(json.dumps(owner))
+        temp = self.run_dir / f".{OWNER_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(owner))
         os.replace(temp, self.run_dir / OWNER_NAME)

@@ -14,9 +14,13 @@ from cluster.local.procs import ServiceError, private_dir
 def test_made_0700_and_an_open_one_of_ours_is_closed(tmp_path: Path) -> None:
     made = private_dir(tmp_path / "state")
     assert made.is_dir() and oct(made.stat().st_mode & 0o777) == "0o700"
-    (tmp_path / "open").mkdir(mode=0o777)
-    os.chmod(tmp_path / "open", 0o777)
-    assert oct(private_dir(tmp_path / "open").stat().st_mode & 0o777) == "0o700"
+    (tmp_path / "readable").mkdir()
+    os.chmod(tmp_path / "readable", 0o755)
+    assert oct(private_dir(tmp_path / "readable").stat().st_mode & 0o777) == "0o700"
+    (tmp_path / "open").mkdir()
+    os.chmod(tmp_path / "open", 0o1777)  # anyone could have planted something in it
+    with pytest.raises(ServiceError, match=r"open is writable by other users \(mode 1777\)"):
+        private_dir(tmp_path / "open")
 
 
 def test_a_symlink_in_its_place_is_refused(tmp_path: Path) -> None:
@@ -32,7 +36,7 @@ def test_a_symlink_in_its_place_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a folder of another user needs root")
 def test_another_users_folder_is_refused_unless_named(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs"
-    theirs.mkdir(mode=0o777)
+    theirs.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)  # nobody
     with pytest.raises(ServiceError, match=r"theirs belongs to uid 65534, not to this user"):
         private_dir(theirs)

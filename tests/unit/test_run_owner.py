@@ -52,3 +52,15 @@ def test_a_sigkilled_owner_is_taken_over_and_a_clean_one_leaves_nothing(tmp_path
     assert not (tmp_path / "run" / OWNER_NAME).exists()
     with RunLock(tmp_path / "run") as lock:
         assert lock.took_over_from is None
+
+
+def test_a_hostile_owner_file_never_hangs_or_crashes_the_launch(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / OWNER_NAME)  # a blocking open would wait forever
+    with RunLock(run) as lock:
+        assert lock.took_over_from is None
+    for planted in ('{"since": NaN, "host": "h"}', '{"since": 1e300, "pid": "\\u001b[31m"}', "[1, 2]", "[" * 5000):
+        (run / OWNER_NAME).write_text(planted)
+        with RunLock(run) as lock:  # taken over; whatever it says is printable or "?"
+            assert lock.took_over_from is None or lock.took_over_from.isprintable()

@@ -84,3 +84,22 @@ def test_a_huge_suspects_file_is_read_from_its_end_only(tmp_path: Path) -> None:
     record(tmp_path, "a1", 0, Suspect("c.tar", None), "stall")
     record(tmp_path, "a2", 0, Suspect("c.tar", None), "stall")
     assert quarantine_of(tmp_path).shards == {"c.tar"}
+
+
+def test_a_planted_suspects_file_never_hangs_or_crashes(tmp_path: Path) -> None:
+    import pytest
+
+    os.mkfifo(tmp_path / SUSPECTS_FILE)
+    with pytest.raises(OSError):  # at once (ENXIO: no reader), never blocked on the FIFO
+        record(tmp_path, "a1", 0, Suspect("a.tar", None), "stall")
+    (tmp_path / SUSPECTS_FILE).unlink()
+    (tmp_path / SUSPECTS_FILE).mkdir()
+    assert not quarantine_of(tmp_path)
+    (tmp_path / SUSPECTS_FILE).rmdir()
+    (tmp_path / SUSPECTS_FILE).write_text("[" * 3000 + "\n")
+    record(tmp_path, "a1", 0, Suspect("zzz.tar", None), "stall")
+    record(tmp_path, "a2", 0, Suspect("zzz.tar", None), "stall")
+    record(tmp_path, "a1", 0, Suspect("a.tar", 99), "died")
+    record(tmp_path, "a2", 0, Suspect("a.tar", 99), "died")
+    assert quarantine_of(tmp_path).shards == {"zzz.tar"}
+    assert not quarantine_of(tmp_path, counts={"a.tar": 10})  # names and positions the manifest does not have
