@@ -12,8 +12,12 @@ checked free. Where the range cannot be read or leaves no room, it falls back to
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import stat
+import tempfile
+import time
 
 LOOPBACK = "127.0.0.1"
 QUIET_LOW = 30000  # first port drawn from
@@ -52,15 +56,47 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+RESERVE_S = 600.0  # a port handed out is not handed out again by this user's processes for this long
+
+
+def _reserve(port: int) -> bool:
+    """Claim `port` among this user's processes (a file per port under /tmp, O_EXCL): between being picked
+    and being bound a port is free to everyone, and two pickers drawing the same one (a test's MLflow and a
+    Ray head's agent, one CI run) collided. False when another process claimed it within RESERVE_S."""
+    folder = os.path.join(tempfile.gettempdir(), f"rtrain-ports-u{os.geteuid()}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return True  # no shared place to claim in: the bind check alone
+    try:
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return True
+        path = os.path.join(folder, str(port))
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            return True
+        except FileExistsError:
+            if time.time() - os.lstat(path).st_mtime < RESERVE_S:
+                return False
+            os.utime(path, follow_symlinks=False)  # an old claim: take it over
+            return True
+    except OSError:
+        return True
+
+
 def unused_port(host: str = LOOPBACK) -> int:
-    """A port on `host` that is free now and that the kernel does not hand out on its own."""
+    """A port on `host` that is free now, that the kernel does not hand out on its own, and that no other
+    process of this user was given in the last RESERVE_S."""
     span = _quiet_span()
     if span is not None:
         draw = random.SystemRandom()
         for _ in range(_TRIES):
             port = draw.randint(*span)
             # Free on `host` and on every address: a server (torch's TCPStore) may listen on all of them.
-            if _bindable(host, port) and (host == "" or _bindable("", port)):
+            if _bindable(host, port) and (host == "" or _bindable("", port)) and _reserve(port):
                 return port
     with socket.socket() as s:
         s.bind((host, 0))

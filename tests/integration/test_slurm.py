@@ -121,6 +121,22 @@ def _first_checkpoint(slurm, job: int, out: Path, name: str) -> list[int]:
         raise AssertionError(f"{exc}; the job's output:\n{_log(out, job)[-4000:]}") from None
 
 
+def _release(slurm, job: int) -> None:
+    """Start a requeued job now (SLURM would hold it ~2 minutes). Not within the second of its requeue: slurmd
+    refuses a credential issued in the second it revoked the old one ("Job credential revoked"; seen in CI)."""
+    time.sleep(3)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
+
+
+def _started_again(slurm, job: int, out: Path, times: int) -> bool:
+    if _log(out, job).count("Ray head starting") >= times:
+        return True
+    state = _job(slurm, job).get("JobState", "")
+    if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
+        raise AssertionError(f"job {job} ended {state} instead of starting again:\n{_log(out, job)[-3000:]}")
+    return False
+
+
 def _job_processes(job: int) -> list[int]:
     return [pid for pid, _, args in processes() if f"rtrain-ray-{job}-" in args]
 
@@ -143,8 +159,8 @@ def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_id
     assert run.info.status == "KILLED"
 
     # The requeued job is stopped again while Ray is still starting: requeued again, nothing trained or lost.
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
-    wait_for(lambda: _log(tmp_path, job).count("Ray head starting") >= 2, 300, "the restart's Ray start", poll_s=0.1)
+    _release(slurm, job)
+    wait_for(lambda: _started_again(slurm, job, tmp_path, 2), 300, "the restart's Ray start", poll_s=0.1)
     subprocess.run(["scancel", "-b", "-s", "USR1", str(job)], env=slurm.env, check=True, timeout=30)
     info = wait_for(lambda: (i := _job(slurm, job)).get("Restarts") == "2" and i["JobState"] == "PENDING" and i,
                     300, "the second requeue")
@@ -152,7 +168,7 @@ def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_id
     assert re.search(r"stopped by (SIG)?USR1 before (the run|training) started", log), log[-3000:]
     assert max(checkpoint_steps(tmp_path, "requeued")) == stopped_at
 
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm.env, check=True, timeout=30)
+    _release(slurm, job)
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = _log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
