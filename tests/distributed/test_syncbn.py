@@ -142,8 +142,13 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         (ddp(x[rows]) ** 2).mean().backward()  # DDP averages: the mean of per-rank means is the global mean
         for (name, p_plain), p_sync in zip(plain.named_parameters(), synced.parameters()):
             torch.testing.assert_close(p_sync.grad, p_plain.grad, atol=ATOL, rtol=1e-5, msg=name)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The checks above passed. This process (DDP + gloo, torch 2.13) then aborted in its C++ teardown at exit in
+    # about one run in four here ("terminate called without an active exception", SIGABRT): end it without
+    # running static destructors; an assertion failure above still fails the test.
+    os._exit(0)
 
 
 def test_converted_model_under_ddp_matches_whole_batch(port):
