@@ -32,7 +32,7 @@ from rtrain.tracking.null import (
 )
 from rtrain.tracking.outbox import OUTBOX_NAME, Outbox
 from rtrain.tracking.run_info import TAG_ERROR, error_text, http_environment
-from rtrain.tracking.uri import TrackingError, default_artifact_location, embedded_store_lock, resolve_tracking_uri
+from rtrain.tracking.uri import TrackingError, default_artifact_location, mlflow_client, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -99,15 +99,12 @@ class MlflowTracker:
                  resumes: int = 0, resume_step: int | None = None,
                  system_metrics_interval_s: float | None = None,
                  artifact_roots: tuple[str | Path, ...] | None = None) -> None:
-        from mlflow.tracking import MlflowClient
 
         # The only folders whose files an outbox record (a file anyone could edit) may have uploaded;
         # None = no limit (a tracker outside a run).
         self._artifact_roots = None if artifact_roots is None else [Path(r).resolve() for r in artifact_roots]
         self.uri = resolve_tracking_uri(uri)
-        with embedded_store_lock(self.uri):  # a new sqlite store's tables are made by one process at a time
-            self._client: MlflowClient = MlflowClient(tracking_uri=self.uri)
-            self._client._tracking_client.store  # noqa: B018 - builds (creates/migrates) the store now
+        self._client: MlflowClient = mlflow_client(self.uri)
         self._finished = False
         self._outbox = Outbox(outbox) if outbox is not None else None
         self._reconnect_every_s = reconnect_every_s

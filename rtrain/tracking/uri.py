@@ -53,6 +53,17 @@ def embedded_store_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient whose stores are built now, under embedded_store_lock: a new sqlite store's tables are
+    made by one process at a time."""
+    from mlflow.tracking import MlflowClient
+
+    with embedded_store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client._tracking_client.store  # noqa: B018 - builds (creates/migrates) the store now
+    return client
+
+
 def default_artifact_location(uri: str) -> str | None:
     """Artifacts next to a sqlite database (MLflow would otherwise write ./mlruns); servers pick their own."""
     if uri.startswith("sqlite:///"):
