@@ -12,23 +12,24 @@ from pathlib import Path
 EXIT_STALLED = 76  # retryable, as EXIT_PREEMPTED (75): rerun the same command to resume
 HEARTBEATS_DIR = "heartbeats"
 STALLED_NOTE = "STALLED"
+HEAD_LOST_NOTE = "HEAD_LOST"  # rank 0's word, after a lost Ray head, on how it left the MLflow run
 
 
-def read_stall_note(run_dir: Path) -> str | None:
-    """The line the stall watchdog left when it ended a run, if it did."""
+def read_stall_note(run_dir: Path, name: str = STALLED_NOTE) -> str | None:
+    """The line the stall watchdog left when it ended a run, if it did (or another note of the run's end)."""
     try:
-        return (Path(run_dir) / HEARTBEATS_DIR / STALLED_NOTE).read_text().strip() or None
+        return (Path(run_dir) / HEARTBEATS_DIR / name).read_text().strip() or None
     except OSError:
         return None
 
 
-def write_stall_note(run_dir: Path, line: str) -> bool:
+def write_stall_note(run_dir: Path, line: str, name: str = STALLED_NOTE) -> bool:
     """Leave the line a stalled run ends with (the launchers read it: exit EXIT_STALLED, retryable); True for
     the first writer, False when another rank said it first or it cannot be written."""
     try:
         folder = Path(run_dir) / HEARTBEATS_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / STALLED_NOTE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
                      0o644)
     except OSError:
         return False

@@ -224,6 +224,10 @@ class DistConfig(Section):
         600.0, ge=0, description="A rank that makes no progress (no step, batch, save or eval phase change) for "
         "this long ends the run on every rank with one line naming it and what it was doing; exit 76, "
         "retryable (0 = off). Collectives time out this + 60 s after a peer stops answering.")
+    ray_head_timeout_s: float = Field(
+        20.0, ge=0, description="Ray: when the cluster's head (its GCS) answers no connection for this long, "
+        "the driver and every worker stop with one line, the MLflow run is marked FAILED, exit 1; rerun to "
+        "resume from the newest verified checkpoint (0 = off: Ray's own 60 s abort).")
     max_failures: int = Field(
         0, ge=-1, description="Ray: restart the worker group this many times after a failure, resuming from the "
         "newest verified checkpoint (-1 = without limit).")

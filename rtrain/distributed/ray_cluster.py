@@ -1,4 +1,5 @@
-"""Connect to a Ray cluster, or start a private local one, for the launcher and for data_prep.
+"""Connect to a Ray cluster, or start a private local one, for the launcher and for data_prep; watch that
+its head still answers (HeadWatch).
 
 Ray is imported only when called: importing this module stays cheap.
 """
@@ -6,8 +7,13 @@ Ray is imported only when called: importing this module stays cheap.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from rtrain._ports import LOOPBACK, unused_port
 
@@ -49,3 +55,64 @@ def ray_session(address: str | None, num_cpus: int, runtime_env: dict[str, Any] 
             import ray
 
             ray.shutdown()
+
+
+class HeadWatch:
+    """Ray's head answering, watched from a daemon thread: when the cluster's GCS (its gcs_server, on the head
+    node) accepts no connection for `timeout_s` (dist.ray_head_timeout_s), `on_lost(reason)` is called once.
+
+    Ray itself notices a lost GCS only after 60 s (RAY_gcs_rpc_server_reconnect_timeout_s), and until then
+    its workers train on blind while the driver waits; a GCS that restarts within the timeout (GCS fault
+    tolerance) is not a loss. The probe is a TCP connect to the GCS port every `poll_s`: a killed gcs_server
+    refuses at once, a lost node times out.
+    """
+
+    def __init__(self, timeout_s: float, on_lost: Callable[[str], None] | None = None,
+                 address: str | None = None, poll_s: float = 1.0):
+        self.timeout_s, self.on_lost, self.poll_s = timeout_s, on_lost, poll_s
+        self.address = address
+        self.lost: str | None = None  # the reason, once lost
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> HeadWatch:
+        """Watch the GCS of the Ray this process is connected to (no-op outside Ray or with timeout 0)."""
+        if self.timeout_s <= 0:
+            return self
+        if self.address is None:
+            ray = sys.modules.get("ray")  # a local rank never imports Ray: nothing to watch
+            if ray is None or not ray.is_initialized():
+                return self
+            self.address = ray.get_runtime_context().gcs_address
+        self._thread = threading.Thread(target=self._watch, name="rtrain-ray-head-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> HeadWatch:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def answers(self) -> bool:
+        host, _, port = str(self.address).rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(min(self.poll_s, 5.0), 0.1)):
+                return True
+        except (OSError, ValueError):
+            return False
+
+    def _watch(self) -> None:
+        last_answer = time.monotonic()
+        while not self._stop.wait(self.poll_s):
+            if self.answers():
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer >= self.timeout_s:
+                self.lost = (f"lost the Ray head: its GCS at {self.address} did not answer for {self.timeout_s:g} s "
+                             "(dist.ray_head_timeout_s; the head node or its gcs_server is gone)")
+                if not self._stop.is_set() and self.on_lost is not None:
+                    self.on_lost(self.lost)
+                return

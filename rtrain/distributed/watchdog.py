@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from rtrain._process import EXIT_STALLED, HEARTBEATS_DIR, STALLED_NOTE, write_stall_note
+from rtrain._process import EXIT_STALLED, HEAD_LOST_NOTE, HEARTBEATS_DIR, STALLED_NOTE, write_stall_note
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class StallWatchdog:
         for old in self.root.glob("*"):
             if old.is_dir() and old != self.folder:
                 shutil.rmtree(old, ignore_errors=True)
-        (self.root / STALLED_NOTE).unlink(missing_ok=True)
+        for note in (STALLED_NOTE, HEAD_LOST_NOTE):
+            (self.root / note).unlink(missing_ok=True)
 
     def _write(self) -> None:
         assert self.folder is not None

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+from rtrain._process import HEAD_LOST_NOTE, HEARTBEATS_DIR, read_stall_note
 from rtrain.config import Recipe
+from rtrain.distributed.ray_cluster import HeadWatch
 from rtrain.launch.reaper import guarded
 from rtrain.launch.signals import LauncherSignals
 from rtrain.launch.errors import LaunchError, resume_hint, stalled_run_error
@@ -103,6 +108,52 @@ def _grace_watchdog(signals: LauncherSignals) -> Iterator[None]:
         done.set()
 
 
+HEAD_LOST_SIGNAL = signal.SIGUSR2
+
+
+def _flush_worker_logs() -> None:
+    """Print now the workers' lines that Ray's log deduplicator holds back, and nothing after: without a GCS
+    there is no ray.shutdown() before the closing line, and Ray flushes them at exit, after it. Ray-internal,
+    hence guarded: the worst case is a late line."""
+    try:
+        from ray._private import worker
+
+        worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        for deduplicator, stream in ((worker.stdout_deduplicator, sys.stdout),
+                                     (worker.stderr_deduplicator, sys.stderr)):
+            for leftover in deduplicator.flush():
+                worker.print_worker_logs(leftover, stream)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _rank0_word(recipe: Recipe, wait_s: float) -> str:
+    """What rank 0 did with the MLflow run once it saw the head lost too (it sees it within about a second
+    of the driver): its note, waited for at most `wait_s` (the reaper of a Ray started here ends it after)."""
+    deadline = time.monotonic() + max(wait_s, 5.0)
+    while time.monotonic() < deadline:
+        if note := read_stall_note(recipe.run_dir, HEAD_LOST_NOTE):
+            return note
+        time.sleep(0.2)
+    return f"rank 0 did not say within {max(wait_s, 5.0):g} s whether it marked the MLflow run FAILED"
+
+
+@contextmanager
+def _interrupted_when_lost(head: HeadWatch) -> Iterator[None]:
+    """Watch the head during the block; once it is lost, the main thread gets a KeyboardInterrupt wherever it
+    waits (what a wait inside Ray passes on; other exceptions raised in a signal handler it drops)."""
+    def raise_lost(signum: int, frame: object) -> None:
+        if head.lost:
+            raise KeyboardInterrupt(head.lost)
+
+    previous = signal.signal(HEAD_LOST_SIGNAL, raise_lost)
+    try:
+        with head:
+            yield
+    finally:
+        signal.signal(HEAD_LOST_SIGNAL, previous)
+
+
 def launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int = 0) -> dict:
     import ray
 
@@ -120,6 +171,10 @@ def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
     owns_ray = _connect_ray(recipe)
     # After ray.init, which installs handlers of its own: a stop signal now asks the workers to checkpoint.
     signals = LauncherSignals(recipe.run_dir, recipe.checkpoint.preempt_grace_s)
+    (recipe.run_dir / HEARTBEATS_DIR / HEAD_LOST_NOTE).unlink(missing_ok=True)  # an earlier attempt's
+    # A lost head (GCS) leaves trainer.fit() waiting for Ray's own 60 s abort: interrupt it first (not with
+    # SIGINT: Ray Train's handler for it asks the controller, on the lost head, to abort, and waits).
+    head = HeadWatch(d.ray_head_timeout_s, on_lost=lambda reason: _thread.interrupt_main(HEAD_LOST_SIGNAL))
     try:
         trainer = TorchTrainer(
             worker_fn,
@@ -131,16 +186,21 @@ def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
             run_config=RunConfig(name=recipe.run.name, storage_path=str(recipe.run_dir.resolve() / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
-        with signals.installed(), _grace_watchdog(signals):
+        with signals.installed(), _grace_watchdog(signals), _interrupted_when_lost(head):
             result = trainer.fit()
     except TrainingFailedError as exc:
         stalled = stalled_run_error(recipe.run_dir, resume_hint(recipe))
         raise stalled or LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
-    except KeyboardInterrupt:  # raised by the watchdog: the grace period ran out
+    except KeyboardInterrupt:  # raised by a watchdog: the head is lost, or the grace period ran out
+        if head.lost:
+            _flush_worker_logs()
+            raise LaunchError(f"Ray Train run {recipe.run.name!r} stopped: {head.lost}; the workers stopped "
+                              f"themselves; {_rank0_word(recipe, head.timeout_s)}; once Ray runs again, "
+                              f"{resume_hint(recipe)}") from None
         raise LaunchError(f"after {signals.received} the workers did not checkpoint within "
                           f"checkpoint.preempt_grace_s={signals.grace_s:g} s; they were stopped") from None
     finally:
-        if owns_ray:
+        if owns_ray and not head.lost:  # without a GCS, Ray's shutdown waits for it (reaper.py ends the rest)
             ray.shutdown()
     # Rank 0's return value is the summary; a worker that reports instead leaves it in result.metrics.
     if isinstance(result.return_value, dict):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rtrain._errors import DEBUG_ENV
-from rtrain._process import write_stall_note
+from rtrain._process import HEAD_LOST_NOTE, write_stall_note
 from rtrain.checkpoint import CheckpointManager, Loaded
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader, steps_per_epoch
@@ -26,6 +27,7 @@ from rtrain.data.worker import LoaderStall
 from rtrain.distributed.agree import StepAgreement
 from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.distributed.factory import backend_from_config, place_model
+from rtrain.distributed.ray_cluster import HeadWatch
 from rtrain.distributed.watchdog import StallWatchdog
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluator_from_config
@@ -47,11 +49,13 @@ log = logging.getLogger("rtrain.launch.worker")
 def _train(recipe: Recipe) -> dict[str, Any]:
     env = detect_env()
     device = init_distributed(env, recipe.dist.use_gpu, timeout_s=recipe.dist.collective_timeout_s)
-    with StallWatchdog(recipe.run_dir, env.rank, env.world_size, recipe.dist.stall_timeout_s) as watchdog:
-        return _set_up_and_fit(recipe, env, device, watchdog)
+    with StallWatchdog(recipe.run_dir, env.rank, env.world_size, recipe.dist.stall_timeout_s) as watchdog, \
+            HeadWatch(recipe.dist.ray_head_timeout_s, _end_rank(env.rank, recipe.run_dir)) as head:
+        return _set_up_and_fit(recipe, env, device, watchdog, head)
 
 
-def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: StallWatchdog) -> dict[str, Any]:
+def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: StallWatchdog,
+                    head: HeadWatch) -> dict[str, Any]:
     rank, world, data, train = env.rank, env.world_size, recipe.data, recipe.train
     guard = CrashGuard(recipe.run_dir, watchdog.folder, watchdog.attempt, rank) if watchdog.folder else None
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
@@ -97,6 +101,7 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
             run_tags[TAG_RESUMED_FROM_RUN] = source_run
     parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if own else None,
                                   run_tags=run_tags, resume_step=loaded.step if own else None)
+    head.on_lost = _end_rank(rank, recipe.run_dir, parts.tracker)  # a lost Ray head: MLflow run FAILED
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
     parts.after_epoch = layer_response_hook(recipe, rank, parts.tracker, normalizer)
     try:
@@ -125,6 +130,26 @@ def _inside(path: Any, folder: Any) -> bool:
         return Path(path).resolve().parent == Path(folder).resolve()
     except OSError:
         return False
+
+
+def _end_rank(rank: int, run_dir: Path, tracker: Any = None) -> Any:
+    """HeadWatch's on_lost in a rank: nothing reaches the driver any more, so the rank ends itself; rank 0
+    first closes the MLflow run as FAILED with the reason and leaves a note saying so, which the driver waits
+    for (the other ranks give it a few seconds, so that a peer's broken collective does not end it first)."""
+    def on_lost(reason: str) -> None:
+        print(f"rtrain: rank {rank}: {reason}; this rank stops", flush=True)
+        if rank == 0:
+            outcome = "the MLflow run was marked FAILED" if tracker is not None else "no MLflow run was open yet"
+            try:
+                if tracker is not None:
+                    tracker.finish("FAILED", error=reason)
+            except Exception as exc:  # noqa: BLE001 - ending the rank comes first
+                outcome = f"the MLflow run could not be marked FAILED ({type(exc).__name__}: {exc})"
+            write_stall_note(run_dir, outcome, name=HEAD_LOST_NOTE)
+        else:
+            time.sleep(5)
+        os._exit(1)
+    return on_lost
 
 
 def _suspect_recorder(guard: CrashGuard | None, loader: Any) -> Any:
