@@ -16,11 +16,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def _not_a_url(value: str | None) -> str | None:
+    """Run outputs and checkpoints go to a filesystem path (which every node mounts, for more than one node);
+    a URL (s3://, even file://) would silently become a local folder named 's3:' or 'file:'."""
+    if value and "://" in value:
+        raise ValueError("an object-store or other URL is not supported for run outputs and checkpoints yet: "
+                         "give a folder (one every node mounts, for a run on more than one node); shards may "
+                         "come from a URL (data.source), cached on each node with data.cache_dir")
+    return value
+
+
 class RunConfig(Section):
     name: str = Field("rtrain", min_length=1, description="Run name: the MLflow run name and the folder under "
                       "run.output_root that holds the run's outputs; a plain name (no '/', not '.' or '..').")
     seed: int = Field(0, ge=0, description="Seed of every RNG stream (model init, shuffling, augmentation).")
     output_root: str = Field("runs", description="Folder under which run outputs (checkpoints, summaries) go.")
+
+    @field_validator("output_root")
+    @classmethod
+    def _a_folder(cls, root: str) -> str:
+        return _not_a_url(root)
 
     @field_validator("name")
     @classmethod
@@ -97,6 +112,12 @@ class DataConfig(Section):
         "The default is Pillow's MAX_IMAGE_PIXELS; Pillow refuses twice that in its (non-JPEG) path whatever "
         "this says.")
     verify_sha256: bool = Field(False, description="Check each shard's sha256 against the manifest on read.")
+    cache_dir: str | None = Field(
+        None, description="A folder on each node where remote shards (s3://, http(s)://) are kept after their "
+        "first read: fetched once per node, verified against the manifest's sha256 when written and when used, "
+        "shared by the node's ranks (one download per shard at a time); None = read from the store every epoch.")
+    cache_max_gb: float = Field(
+        100.0, gt=0, description="Size bound of data.cache_dir: past it the least recently used shards go.")
     backend: Literal["webdataset", "dali"] = Field(
         "webdataset", description="webdataset = rtrain's CPU loader; dali = NVIDIA DALI GPU decoding (CUDA only).")
     pin_memory: bool = Field(True, description="On CUDA: pinned host memory and non-blocking copies.")
@@ -254,6 +275,11 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
     resume: str = Field("auto", description="auto = newest verified checkpoint if any; never; or a step-N path.")
+
+    @field_validator("dir")
+    @classmethod
+    def _a_folder(cls, folder: str | None) -> str | None:
+        return _not_a_url(folder)
     on_all_damaged: Literal["refuse", "restart"] = Field(
         "refuse", description="resume: auto when checkpoints exist but none verifies: refuse = do not start "
         "(exit 1, naming each damaged checkpoint; nothing is touched); restart = move them to "

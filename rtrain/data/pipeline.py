@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rtrain.data.batchpool import BatchPool, PooledBatch
+from rtrain.data.cache import ShardCache
 from rtrain.data.ledger import SampleLedger
 from rtrain.data.plan import (
     Layout,
@@ -60,7 +61,8 @@ class ShardLoader:
             raise ValueError(f"loader: batch_size must be positive, got {batch_size}")
         self.cfg, self.split, self.rank, self.train = cfg, split, rank, train
         self.seed = int(seed)
-        self.source = ShardSource(cfg.source, split, cfg.storage_options, cfg.allowed_shard_roots)
+        self.source = ShardSource(cfg.source, split, cfg.storage_options, cfg.allowed_shard_roots,
+                                  cache=ShardCache.from_config(cfg))
         self.manifest = self.source.read_manifest()
         counts = [entry.count for entry in self.manifest.shards]
         self._offsets = shard_offsets(counts)

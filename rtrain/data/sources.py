@@ -4,7 +4,8 @@ prefix, or an fsspec URL (s3://bucket/prefix, gs://, ...); rtrain.data.stores op
 The manifest is `{source}/{split}/manifest.json`; the shards are beside it unless the manifest names a
 `shard_root` (rtrain.data.format). Local shards are opened seekable, so the members a slot does not need are
 stepped over without reading their data; HTTP(S) shards are streamed in one GET each; fsspec shards are read
-through range requests (see stores). With `verify_sha256` a remote shard is downloaded to a temporary file and
+through range requests (see stores), or once per node into data.cache_dir (rtrain.data.cache), verified, and
+from there on from that local copy. With `verify_sha256` a remote shard is downloaded to a temporary file and
 hashed completely before any of its samples is used, so a corrupt shard never contributes a sample. Without
 it, a truncated shard contributes the samples before the damage (rtrain.data.shardread).
 """
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO
 
+from rtrain.data.cache import ShardCache
 from rtrain.data.format import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -39,7 +41,7 @@ class ShardSource:
     """Opens the manifest and the shards of one split. `read_manifest` also sets `shard_root`."""
 
     def __init__(self, source: str, split: str, storage_options: dict[str, Any] | None = None,
-                 allowed_roots: Sequence[str] = ()):
+                 allowed_roots: Sequence[str] = (), cache: ShardCache | None = None):
         if not source:
             raise ValueError("data.source is empty: give a shard directory or a URL prefix (http(s)://, s3://)")
         root = source.removeprefix("file://")
@@ -49,6 +51,7 @@ class ShardSource:
         self.shard_root = self.location
         self.storage_options = dict(storage_options or {})
         self.allowed_roots = [normalized_location(r.removeprefix("file://").rstrip("/")) for r in allowed_roots]
+        self.cache = cache  # remote shards only (rtrain.data.cache)
 
     @property
     def remote(self) -> bool:
@@ -96,7 +99,11 @@ class ShardSource:
         where = self.shard_location(entry.name)
         with ExitStack() as stack:
             try:
-                if self.remote and verify_sha256:
+                if self.remote and self.cache is not None and self.cache.usable_for(entry):  # verified too
+                    local = stack.enter_context(
+                        self.cache.open(entry, where, lambda: open_stream(where, self.storage_options)))
+                    tar = stack.enter_context(tarfile.open(fileobj=local, mode="r:"))
+                elif self.remote and verify_sha256:
                     local = stack.enter_context(self._download_verified(entry, where))
                     tar = stack.enter_context(tarfile.open(fileobj=local, mode="r:"))
                 elif self.remote:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from rtrain.data.cache import ShardCache
 from rtrain.data.decode import FAST_DENOMINATORS, DecodeError, SourceImage, decode_scaled, probe
 from rtrain.data.format import ShardEntry, decode_label
 from rtrain.data.shardread import RawSample, ShardDamage, damage_from_error, read_positions
@@ -44,7 +45,7 @@ class WholeImageLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.batch_size, self.min_shorter_side = batch_size, min_shorter_side
         self.source = ShardSource(cfg.source, split, getattr(cfg, "storage_options", None),
-                                  getattr(cfg, "allowed_shard_roots", ()))
+                                  getattr(cfg, "allowed_shard_roots", ()), cache=ShardCache.from_config(cfg))
         self.manifest = self.source.read_manifest()
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._damaged_shards: set[str] = set()

@@ -8,6 +8,7 @@ server by its PID and restores the environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,9 +29,16 @@ class S3Server:
     endpoint: str
     bucket: str
     env: dict[str, str]
+    log: Path  # the server's own request log: what it was asked for, counted on the server's side
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
+
+    def gets(self, prefix: str, suffix: str = ".tar") -> list[str]:
+        """Keys under `prefix` the server answered a GET for so far, one per request (range requests too)."""
+        text = self.log.read_text(errors="replace")
+        return re.findall(rf'"(?:\x1b\[[0-9;]*m)*GET /{re.escape(self.bucket)}/({re.escape(prefix)}[^ ?"]*'
+                          rf'{re.escape(suffix)})', text)  # werkzeug colours some lines
 
     def client(self):
         import boto3
@@ -74,7 +82,7 @@ def moto_s3_server(workdir: Path, bucket: str = "rtrain-test") -> Iterator[S3Ser
             for name, value in env.items():
                 patch.setenv(name, value)
             patch.delenv("AWS_PROFILE", raising=False)
-            server = S3Server(endpoint, bucket, env)
+            server = S3Server(endpoint, bucket, env, log)
             server.client().create_bucket(Bucket=bucket)
             yield server
     finally:

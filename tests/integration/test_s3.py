@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,38 @@ def test_upload_rerun_sends_only_what_is_missing(s3: S3Server, digits_in_s3) -> 
     assert all(after[k] == before[k] for k in before if k.endswith(".tar"))
     assert Manifest.loads(client.get_object(Bucket=s3.bucket, Key="again/val/manifest.json")["Body"].read().decode()) \
         == Manifest.load(stage / "val" / "manifest.json")
+
+
+def test_a_node_cache_fetches_each_shard_once_verifies_it_and_is_shared(s3: S3Server, digits_in_s3, tmp_path):
+    stage, url = digits_in_s3
+    shards = [entry.name for entry in Manifest.load(stage / "train" / "manifest.json").shards]
+    cached = {"cache_dir": str(tmp_path / "cache"), "cache_max_gb": 1.0}
+    before = len(s3.gets("digits/train/"))
+    local_epoch = _batches(small_cfg(stage, num_workers=2))
+    assert _same(_batches(small_cfg(url, num_workers=2, **cached)), local_epoch)  # epoch 1: fetched
+    first = s3.gets("digits/train/")[before:]
+    assert sorted(set(first)) == sorted(f"digits/train/{name}" for name in shards)
+    assert _same(_batches(small_cfg(url, num_workers=2, **cached)), local_epoch)  # epoch 2: from the cache
+    assert len(s3.gets("digits/train/")) == before + len(first)  # not one shard byte from the server
+
+    victim = next((tmp_path / "cache").glob("*.tar"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))  # one flipped byte on the node's disk
+    assert _same(_batches(small_cfg(url, num_workers=2, **cached)), local_epoch)  # detected, fetched again
+    assert len(s3.gets("digits/train/")) == before + len(first) + 1
+
+    # Two ranks of a node, with two loader worker processes each, start at once on an empty cache.
+    shared = {"cache_dir": str(tmp_path / "shared"), "cache_max_gb": 1.0}
+    before = len(s3.gets("digits/train/"))
+    with ThreadPoolExecutor(2) as pool:
+        ranks = [pool.submit(_rank_epoch, small_cfg(url, num_workers=2, **shared), rank) for rank in (0, 1)]
+        assert all(future.result(timeout=300) for future in ranks)
+    fetched = s3.gets("digits/train/")[before:]
+    assert sorted(fetched) == sorted(set(fetched)) and fetched  # each shard downloaded once
+    assert len(list((tmp_path / "shared").glob("*.tar"))) == len(set(fetched))
+
+
+def _rank_epoch(cfg, rank: int) -> int:
+    loader = build_loader(cfg, "train", rank=rank, world_size=2, batch_size=32, seed=5, train=True)
+    return sum(len(y) for _, y in loader)

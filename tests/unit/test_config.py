@@ -171,3 +171,15 @@ def test_credentials_are_redacted_wherever_they_sit_in_a_line():
                                 "s3://b/c?a=b;sig=***")
     assert redact_tree({"password": ["S"], "token": {"value": "S"}}) == {"password": ["***"],
                                                                          "token": {"value": "***"}}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("checkpoint.dir=s3://bucket/run", "checkpoint.dir"),
+    ("run.output_root=gs://bucket/runs", "run.output_root"),
+    ("checkpoint.dir=file:///tmp/ckpt", "checkpoint.dir"),
+])
+def test_object_store_outputs_are_refused_not_written_to_a_local_folder_named_s3(override, key):
+    # Before: `checkpoint.dir=s3://bucket/run` trained to exit 0 with every checkpoint in ./s3:/bucket/run.
+    message = _error(override)
+    assert f"{key}: an object-store or other URL is not supported for run outputs and checkpoints yet" in message
+    assert loads_recipe("checkpoint: {dir: /tmp/ckpt}").checkpoint.dir == "/tmp/ckpt"
