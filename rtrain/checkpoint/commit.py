@@ -51,6 +51,7 @@ class SaveJob:
     shared: dict[str, Any]
     per_rank: dict[str, Any]
     meta: dict[str, Any]
+    save_id: str = ""  # object stores (rtrain.checkpoint.remote): the same on every rank without asking
 
 
 class Poller:

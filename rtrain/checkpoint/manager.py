@@ -97,11 +97,16 @@ class CheckpointManager:
         self.async_save = async_save
         self.finalize_timeout_s = float(finalize_timeout_s)
         self.last_save_blocking_s = 0.0  # how long the latest save() held up its caller
-        self._commit = RankCommit(self.root, rank, world_size, self.finalize_timeout_s, publish=self._publish)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rtrain-ckpt") if async_save else None
         self._snapshot_buffers = snapshot.SnapshotBuffers() if async_save else None
         self._pending: Future | None = None
         self._pending_step: int | None = None
+        self._open_root()
+
+    def _open_root(self) -> None:
+        """The root's commit protocol (rtrain.checkpoint.remote: another one for object stores)."""
+        self._commit = RankCommit(self.root, self.rank, self.world_size, self.finalize_timeout_s,
+                                  publish=self._publish)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any] | None = None,
@@ -170,8 +175,11 @@ class CheckpointManager:
             raise damage.refusal(self.root, damaged)
         if self.rank == 0:
             for found in damaged:
-                damage.move_aside(self.root, found.path, found.reason)
+                self._set_aside(found.path, found.reason)
         return loaded
+
+    def _set_aside(self, path: Path, reason: str) -> None:
+        damage.move_aside(self.root, path, reason)
 
     def _scan(self, shared_only: bool) -> tuple[Loaded | None, list[damage.Damaged]]:
         """The newest checkpoint that verifies and the newer ones that did not (newest first)."""

@@ -5,7 +5,8 @@ CHECKPOINT_OR_RUN is one of:
 - a run directory (`<run.output_root>/<run.name>`): its checkpoint folder (from its `resolved_recipe.yaml`,
   so `checkpoint.dir` is honoured, else `<run>/checkpoints`), then the newest checkpoint that verifies
   (CheckpointManager.latest: damaged newer ones are skipped with a warning);
-- a checkpoint folder holding `step-N/` folders: the newest one that verifies.
+- a checkpoint folder holding `step-N/` folders: the newest one that verifies;
+- either as an object-store URL (s3://bucket/run/checkpoints[/step-N]), read with rtrain.checkpoint.remote.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from rtrain._errors import ExpectedError
-from rtrain.checkpoint import CheckpointManager, Loaded
+from rtrain.checkpoint import CheckpointError, CheckpointManager, Loaded, open_checkpoints
 from rtrain.checkpoint.files import MANIFEST_NAME, STEP_DIR_PATTERN
 from rtrain.config import Recipe, RecipeError, load_recipe, loads_recipe
 from rtrain.models import model_from_config
@@ -48,6 +49,8 @@ def _checkpoint_folder(run: Path) -> Path:
 
 def resolve_checkpoint(path: str | Path) -> Loaded:
     """The verified checkpoint that `path` names (see the module docstring); shared states only."""
+    if "://" in str(path):  # in an object store: a step-N/ URL, or the checkpoint folder's URL
+        return _resolve_remote(str(path).rstrip("/"))
     path = Path(path)
     if not path.exists():
         raise CommandError(f"{path}: no such checkpoint or run directory")
@@ -56,11 +59,33 @@ def resolve_checkpoint(path: str | Path) -> Loaded:
     if (path / MANIFEST_NAME).is_file() or STEP_DIR_PATTERN.fullmatch(path.name):
         return CheckpointManager(path.parent).load(path, shared_only=True)
     folder = path if CheckpointManager(path).list() else _checkpoint_folder(path)
+    if "://" in str(folder):  # the run's recipe put its checkpoints in an object store
+        return _resolve_remote(str(folder))
     if not folder.is_dir() or not CheckpointManager(folder).list():
         raise CommandError(f"{path}: not a checkpoint (step-N/) and no checkpoints under {folder}")
     loaded = CheckpointManager(folder).latest(shared_only=True)
     if loaded is None:
         raise CommandError(f"{folder}: no checkpoint passes verification")
+    return loaded
+
+
+def _resolve_remote(url: str) -> Loaded:
+    try:
+        if STEP_DIR_PATTERN.fullmatch(url.rsplit("/", 1)[-1]):
+            return open_checkpoints(url.rsplit("/", 1)[0]).load(url, shared_only=True)
+        checkpoints = open_checkpoints(url)
+        if not checkpoints.list():
+            raise CommandError(f"{url}: no checkpoints (step-N/ with a MANIFEST.json) there")
+        loaded = checkpoints.latest(shared_only=True)
+    except CheckpointError as exc:
+        raise CommandError(str(exc)) from None
+    except CommandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the store's own errors: one line naming the URL
+        raise CommandError(f"{url}: cannot read it ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
+            from None
+    if loaded is None:
+        raise CommandError(f"{url}: no checkpoint passes verification")
     return loaded
 
 

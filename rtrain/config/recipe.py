@@ -80,6 +80,8 @@ class Recipe(Section):
 
     @property
     def checkpoint_dir(self) -> Path:
+        if self.checkpoint.dir and "://" in self.checkpoint.dir:
+            return self.checkpoint.dir  # type: ignore[return-value]  # an object store: rtrain.checkpoint.remote
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
 
     def to_yaml(self, secrets: bool = False) -> str:

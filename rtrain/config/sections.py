@@ -17,12 +17,12 @@ class Section(BaseModel):
 
 
 def _not_a_url(value: str | None) -> str | None:
-    """Run outputs and checkpoints go to a filesystem path (which every node mounts, for more than one node);
-    a URL (s3://, even file://) would silently become a local folder named 's3:' or 'file:'."""
+    """Run outputs go to a filesystem path (which every node mounts, for more than one node); a URL (s3://,
+    even file://) would silently become a local folder named 's3:' or 'file:'."""
     if value and "://" in value:
-        raise ValueError("an object-store or other URL is not supported for run outputs and checkpoints yet: "
-                         "give a folder (one every node mounts, for a run on more than one node); shards may "
-                         "come from a URL (data.source), cached on each node with data.cache_dir")
+        raise ValueError("an object-store or other URL is not supported for run outputs yet: give a folder; "
+                         "checkpoints may go to a bucket (checkpoint.dir=s3://bucket/prefix), shards may come "
+                         "from one (data.source), cached on each node with data.cache_dir")
     return value
 
 
@@ -270,7 +270,9 @@ IDENTITY_KEYS = ("model.name", "model.shortcut", "model.stride_in", "model.num_c
 
 
 class CheckpointConfig(Section):
-    dir: str | None = Field(None, description="Checkpoint root; None = <output_root>/<name>/checkpoints.")
+    dir: str | None = Field(None, description="Checkpoint root: a folder, or an object-store URL (s3://bucket/"
+                            "prefix; credentials from the standard environment); None = <output_root>/<name>/"
+                            "checkpoints.")
     every_steps: int | None = Field(None, ge=1, description="Save every this many steps (None = per epoch).")
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
@@ -278,8 +280,10 @@ class CheckpointConfig(Section):
 
     @field_validator("dir")
     @classmethod
-    def _a_folder(cls, folder: str | None) -> str | None:
-        return _not_a_url(folder)
+    def _a_folder_or_a_bucket(cls, folder: str | None) -> str | None:
+        if folder and "://" in folder and not folder.split("://", 1)[1].strip("/"):
+            raise ValueError("an object-store URL needs a bucket (and a prefix), e.g. s3://bucket/run/checkpoints")
+        return folder
     on_all_damaged: Literal["refuse", "restart"] = Field(
         "refuse", description="resume: auto when checkpoints exist but none verifies: refuse = do not start "
         "(exit 1, naming each damaged checkpoint; nothing is touched); restart = move them to "

@@ -15,7 +15,6 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_DEFAULT_REGION, AWS_E
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from rtrain._errors import ExpectedError
+from rtrain._remote import filesystem
 
 HTTP_TIMEOUT_S = 60.0
 HTTP_ATTEMPTS = 3
@@ -49,24 +49,10 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def s3_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """fsspec options for a URL: the given ones, plus the endpoint from AWS_ENDPOINT_URL_S3 /
-    AWS_ENDPOINT_URL for s3:// when the options do not name one (not every botocore build reads them)."""
-    options = dict(storage_options or {})
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if location.startswith(("s3://", "s3a://")) and endpoint and "endpoint_url" not in options:
-        client_kwargs = dict(options.get("client_kwargs") or {})
-        client_kwargs.setdefault("endpoint_url", endpoint)
-        options["client_kwargs"] = client_kwargs
-    return options
-
-
 def fsspec_target(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(filesystem, path) for an fsspec URL; ShardError when no backend is installed for its scheme."""
-    import fsspec.core
-
     try:
-        return fsspec.core.url_to_fs(location, **s3_options(location, storage_options))
+        return filesystem(location, storage_options)
     except (ImportError, ValueError) as exc:
         raise ShardError(f"{location}: no fsspec backend ({one_line(exc)})") from exc
 

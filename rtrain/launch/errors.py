@@ -29,9 +29,14 @@ class RunStalled(LaunchError):
 
 def resume_hint(recipe: Any) -> str:
     """What to do after a failure: the newest verified checkpoint to resume from, if there is one."""
-    from rtrain.checkpoint import CheckpointManager
+    from rtrain.checkpoint import open_checkpoints
 
-    saved = CheckpointManager(recipe.checkpoint_dir).list() if Path(recipe.checkpoint_dir).is_dir() else []
+    root = recipe.checkpoint_dir
+    try:
+        saved = open_checkpoints(root).list() if "://" in str(root) or Path(root).is_dir() else []
+    except Exception as exc:  # noqa: BLE001 - an object store that does not answer: say so, do not fail here
+        return f"the checkpoints in {root} could not be listed ({type(exc).__name__}); rerun the same command to " \
+            "resume from the newest verified one"
     if not saved:
         return "no checkpoint was saved yet"
     return f"rerun the same command to resume from the newest verified checkpoint ({saved[0]})"

@@ -63,23 +63,35 @@ def _identity(recipe_yaml: str) -> dict[str, Any]:
 
 
 def _checkpoint_to_resume(recipe: Recipe) -> Path | None:
-    from rtrain.checkpoint import CheckpointManager
+    from rtrain.checkpoint import open_checkpoints
 
     choice = recipe.checkpoint.resume
     if choice == "never":
         return None
     if choice != "auto":
         return Path(choice)
-    root = Path(recipe.checkpoint_dir)
-    saved = CheckpointManager(root).list() if root.is_dir() else []
+    root = recipe.checkpoint_dir
+    if "://" in str(root):
+        try:
+            saved = open_checkpoints(root).list()
+        except Exception:  # noqa: BLE001 - unreachable now: the ranks' resume names the problem
+            return None
+    else:
+        saved = open_checkpoints(root).list() if Path(root).is_dir() else []
     return saved[0] if saved else None
 
 
 def _saved_recipe(path: Path) -> str | None:
-    from rtrain.checkpoint import CheckpointError, files
+    from rtrain.checkpoint import CheckpointError, files, open_checkpoints
 
     try:
-        meta = files.read_meta(path, files.read_manifest(path))
+        if "://" in str(path):  # the manifest and meta.json of a checkpoint in an object store
+            try:
+                meta = open_checkpoints(str(path).rsplit("/", 1)[0]).meta_of(path)
+            except Exception:  # noqa: BLE001 - unreadable now: the ranks' verified resume names the problem
+                return None
+        else:
+            meta = files.read_meta(path, files.read_manifest(path))
     except (CheckpointError, OSError, ValueError):
         return None  # damaged or absent: the ranks' verified resume deals with it (and names it)
     text = meta.get("recipe_yaml") if isinstance(meta, dict) else None

@@ -5,7 +5,8 @@ validate`), so a wrong path or a dead server costs a second and one line, not mi
 - data.source has a readable manifest for the train and the val split (local, http(s), s3/fsspec);
 - the tracking store answers within tracking.connect_timeout_s (an http(s) server, a database's port) or its
   sqlite folder is writable;
-- model.init_from exists.
+- model.init_from exists;
+- a checkpoint.dir in an object store takes a probe object (bucket, credentials, permission).
 Every failure is one line naming the key and its value; the launcher exits 2 after printing them all.
 """
 
@@ -121,6 +122,38 @@ def check_tracking(recipe: Recipe) -> str | None:
     return f"tracking.uri={t.uri!r}: {why}" if why else None
 
 
+STORE_PROBE_TIMEOUT_S = 30.0
+
+
+def check_checkpoint_store(recipe: Recipe) -> str | None:
+    """checkpoint.dir in an object store: a probe object can be written there and removed (bucket, credentials,
+    permissions), within STORE_PROBE_TIMEOUT_S (s3fs retries a dead endpoint for longer)."""
+    url = str(recipe.checkpoint_dir)
+    if "://" not in url:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Late
+
+    from rtrain._remote import filesystem
+
+    def probe() -> None:
+        fs, path = filesystem(url)
+        key = f"{path.rstrip('/')}/.rtrain-preflight-{os.getpid()}-{os.urandom(4).hex()}"
+        fs.pipe_file(key, b"rtrain preflight\n")
+        fs.rm_file(key)
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rtrain-preflight")
+    try:
+        pool.submit(probe).result(timeout=STORE_PROBE_TIMEOUT_S)
+    except Late:
+        return f"checkpoint.dir={url!r}: the object store did not answer within {STORE_PROBE_TIMEOUT_S:g} s"
+    except Exception as exc:  # noqa: BLE001 - no bucket, no credentials, no permission, no backend: one line
+        return f"checkpoint.dir={url!r}: cannot write there ({_one_line(exc)[:300]})"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
 def check_init_from(recipe: Recipe) -> str | None:
     path = recipe.model.init_from
     if path and "://" not in path and not Path(path).is_file():
@@ -131,7 +164,7 @@ def check_init_from(recipe: Recipe) -> str | None:
 def preflight(recipe: Recipe, *, data: bool = True) -> None:
     """Raise PreflightError naming everything that is missing. `recipe` has absolute paths (prepare_recipe).
     data=False skips the data and init_from checks (a custom --worker may not read them)."""
-    problems = [check_output_root(recipe), check_tracking(recipe)]
+    problems = [check_output_root(recipe), check_tracking(recipe), check_checkpoint_store(recipe)]
     if data:
         problems += [*check_data(recipe), check_init_from(recipe)]
     found = [p for p in problems if p]

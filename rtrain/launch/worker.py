@@ -18,7 +18,7 @@ import torch
 
 from rtrain._errors import DEBUG_ENV
 from rtrain._process import HEAD_LOST_NOTE, write_stall_note
-from rtrain.checkpoint import CheckpointManager, Loaded
+from rtrain.checkpoint import CheckpointManager, Loaded, open_checkpoints
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader, steps_per_epoch
 from rtrain.data.ledger import ledger_path
@@ -72,8 +72,9 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     backend = backend_from_config(model, optimizer, device, dist=recipe.dist, precision=recipe.precision,
                                   train=train, micro_batch=recipe.micro_batch)
     normalizer = Normalizer(data.mean, data.std, device, data.channels_last)
-    manager = CheckpointManager(recipe.checkpoint_dir, keep=recipe.checkpoint.keep, rank=rank,
-                                world_size=world, async_save=recipe.checkpoint.async_save)
+    manager = open_checkpoints(recipe.checkpoint_dir, keep=recipe.checkpoint.keep, rank=rank, world_size=world,
+                               async_save=recipe.checkpoint.async_save, save_tag=watchdog.attempt,
+                               staging=recipe.run_dir / CHECKPOINT_STAGING)
     stop_watch = RankStopWatch(recipe.run_dir, StepAgreement())
     parts = FitParts(
         train=train, precision=recipe.precision, evaluation=recipe.eval, checkpoint=recipe.checkpoint,
@@ -94,7 +95,7 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     # Records stay true: only this run's own checkpoints (in its checkpoint folder, which the run directory's
     # owner holds) continue their MLflow run; another run's checkpoint (checkpoint.resume=PATH) starts a new
     # MLflow run linked to its source, and the source run is never reopened or written to.
-    own = loaded is not None and _inside(loaded.path, recipe.checkpoint_dir)
+    own = loaded is not None and _inside(loaded.path, manager.root)
     if loaded is not None and not own:
         run_tags[TAG_RESUMED_FROM_CHECKPOINT] = str(loaded.path)
         if source_run := run_id_from_state(loaded.meta.get("tracking")):
@@ -122,10 +123,13 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
 
 
 TAG_RESUMED_FROM_CHECKPOINT = "rtrain.resumed_from_checkpoint"
+CHECKPOINT_STAGING = ".checkpoint-staging"  # under the run directory: an object store's checkpoints pass here
 TAG_RESUMED_FROM_RUN = "rtrain.resumed_from_run"
 
 
 def _inside(path: Any, folder: Any) -> bool:
+    if "://" in str(folder):  # an object store (ObjectPath)
+        return str(path).rsplit("/", 1)[0] == str(folder).rstrip("/")
     try:
         return Path(path).resolve().parent == Path(folder).resolve()
     except OSError:

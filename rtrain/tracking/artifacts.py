@@ -57,7 +57,7 @@ class TrackedCheckpoints:
             self._recorded.add(path.name)
             uri = checkpoint_uri(path)
             self._tracker.set_tags({TAG_CHECKPOINT + path.name: uri, TAG_LATEST_CHECKPOINT: uri})
-            if self._mode == "upload":
+            if self._mode == "upload" and "://" not in str(path):  # one in an object store is kept there
                 self._tracker.log_artifact(path, f"checkpoints/{path.name}")
 
 

@@ -391,9 +391,14 @@ def build_tracker(recipe: Recipe, rank: int, resume_state: Mapping[str, Any] | N
         tracking.uri, tracking.experiment, recipe.run.name, tags,
         run_id=run_id_from_state(resume_state), outbox=recipe.run_dir / OUTBOX_DIR / OUTBOX_NAME,
         reconnect_every_s=tracking.reconnect_every_s, resumes=resumes_from_state(resume_state),
-        resume_step=resume_step, artifact_roots=(recipe.run_dir, recipe.checkpoint_dir),
+        resume_step=resume_step, artifact_roots=_local_roots(recipe.run_dir, recipe.checkpoint_dir),
         system_metrics_interval_s=tracking.system_metrics_interval_s if tracking.system_metrics else None)
     if log_recipe:
         tracker.log_params(flatten_params(recipe.record()))  # credentials redacted
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     return tracker
+
+
+def _local_roots(*roots: Any) -> tuple[Any, ...]:
+    """Folders whose files the outbox may hold back (a checkpoint folder in an object store is none)."""
+    return tuple(root for root in roots if "://" not in str(root))

@@ -5,8 +5,12 @@ local files, missing buckets/keys are named in one line, and a 2-rank training r
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moto_s3 import S3Server, moto_s3_server
+from ray_runs import STEPS, assert_same_weights, launch_command, mlflow_runs, quickstart_overrides, run_env, wait_for
 from test_loader_fixtures import small_cfg, write_split
 from wds_samples import assert_labels_match_images, read_epoch, write_with_tarwriter
 
 from data_prep.index import main as index_main
 from data_prep.storage import upload_output
+from rtrain.checkpoint import CheckpointError, open_checkpoints
 from rtrain.data import ShardError, build_loader
 from rtrain.data.format import Manifest
 
@@ -185,3 +191,140 @@ def test_a_node_cache_fetches_each_shard_once_verifies_it_and_is_shared(s3: S3Se
 def _rank_epoch(cfg, rank: int) -> int:
     loader = build_loader(cfg, "train", rank=rank, world_size=2, batch_size=32, seed=5, train=True)
     return sum(len(y) for _, y in loader)
+
+
+# ------------------------------------------------------------------------- checkpoints in the bucket
+
+def _save_on_two_ranks(url: str, staging: Path, step: int, tag: str = "t", keep: int | None = 2, wait_s: float = 20,
+                       **hooks) -> None:
+    """Both ranks of a 2-rank job save `step` at once (threads: the protocol uses no collectives)."""
+    errors = []
+
+    def rank(r: int) -> None:
+        manager = open_checkpoints(url, rank=r, world_size=2, keep=keep, staging=staging / f"r{r}", save_tag=tag,
+                                   finalize_timeout_s=wait_s)
+        for name, hook in hooks.items() if r == 0 else ():
+            setattr(manager, name, hook(manager))
+        try:
+            shared = {"model": {"w": torch.full((4,), float(step))}} if r == 0 else {}
+            manager.save(step, shared, {"rng": {"r": torch.tensor([r, step])}}, {"step": step} if r == 0 else None)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    if errors:
+        raise errors[0]
+
+
+def _keys(s3: S3Server, prefix: str) -> list[str]:
+    return sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", []))
+
+
+def test_checkpoints_in_a_bucket_commit_with_the_manifest_last_verify_prune_and_set_damage_aside(s3, tmp_path):
+    url = s3.url("ckpt-protocol")
+    for step in (3, 6, 9):
+        _save_on_two_ranks(url, tmp_path, step)
+    reader = open_checkpoints(url, rank=1, world_size=2, staging=tmp_path / "read")
+    assert [p.name for p in reader.list()] == ["step-000000009", "step-000000006"]
+    assert not _keys(s3, "ckpt-protocol/step-000000003")  # pruned (keep=2)
+    loaded = reader.latest()
+    assert loaded.step == 9 and str(loaded.path) == f"{url}/step-000000009" and loaded.meta == {"step": 9}
+    assert torch.equal(loaded.shared["model"]["w"], torch.full((4,), 9.0))
+    assert torch.equal(loaded.per_rank["rng"]["r"], torch.tensor([1, 9]))  # its own rank's state
+
+    # Every object of step 12 uploaded but the manifest, then rank 0 died: that step does not exist.
+    def no_manifest(manager):
+        put = manager._put
+
+        def refuse(rel: str, data: bytes) -> None:
+            if rel.endswith("/MANIFEST.json"):
+                raise ConnectionError("killed before the manifest")
+            put(rel, data)
+        return refuse
+
+    with pytest.raises(CheckpointError, match="step-000000012: cannot upload the checkpoint"):
+        _save_on_two_ranks(url, tmp_path, 12, tag="killed", wait_s=2, _put=no_manifest)
+    assert "ckpt-protocol/step-000000012/rank-00001/rng.pt" in _keys(s3, "ckpt-protocol/step-000000012")
+    assert [p.name for p in reader.list()] == ["step-000000009", "step-000000006"]
+    assert reader.latest().step == 9
+
+    # One flipped byte in the bucket: the manager falls back to step 6; a resume sets step 9 aside.
+    key = "ckpt-protocol/step-000000009/rank-00001/rng.pt"
+    body = bytearray(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
+    assert reader.latest().step == 6
+    resumed = open_checkpoints(url, rank=0, world_size=2, staging=tmp_path / "resume").resume()
+    assert resumed.step == 6
+    assert [p.name for p in reader.list()] == ["step-000000006"]
+    damaged = _keys(s3, "ckpt-protocol/damaged/")
+    assert any(k.endswith("/rank-00001/rng.pt") for k in damaged) and any(k.endswith(".reason") for k in damaged)
+    reason = s3.client().get_object(Bucket=s3.bucket, Key=next(k for k in damaged if k.endswith(".reason")))
+    assert "rank-00001/rng.pt fails its sha256 check" in reason["Body"].read().decode()
+
+    _save_on_two_ranks(url, tmp_path, 12, tag="again")  # the killed step's leftovers are written over
+    assert [p.name for p in reader.list()] == ["step-000000012", "step-000000006"]
+    assert reader.latest().step == 12
+
+
+@pytest.mark.slow
+def test_a_run_whose_local_disk_is_lost_resumes_from_the_bucket_bit_identically(s3, digits_shards, reference_run,
+                                                                                  tmp_path):
+    url = s3.url("runs", "spot")
+    node = tmp_path / "node"  # the run directory's disk, lost with the node
+    cmd = launch_command(quickstart_overrides(digits_shards, node, "spot", STEPS, "dist.launcher=local",
+                                              f"checkpoint.dir={url}", "checkpoint.async_save=true",
+                                              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env(),
+                            start_new_session=True)
+    try:
+        wait_for(lambda: [k for k in _keys(s3, "runs/spot/") if k.endswith("MANIFEST.json")] or proc.poll() is not None,
+                 300, "a checkpoint in the bucket")
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    published = [k for k in _keys(s3, "runs/spot/") if k.endswith("MANIFEST.json")]
+    assert published and not any(f"step-{STEPS:09d}" in k for k in published)
+    shutil.rmtree(node)  # a fresh machine: an empty working directory
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=run_env())
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert f"resumed from {url}/step-" in again.stderr
+    final = open_checkpoints(url, world_size=2, staging=tmp_path / "read").latest()
+    assert final.step == STEPS
+    assert_same_weights(reference_run.weights(), final.shared["model"], "the run resumed from the bucket")
+    [run] = mlflow_runs(tmp_path, "spot")  # the same MLflow run, continued
+    assert run.info.status == "FINISHED" and run.data.tags["rtrain.checkpoint.latest"].startswith(url)
+    report = _run("-m", "rtrain.cli", "eval", url)  # rtrain eval reads the newest verified one from the bucket
+    assert json.loads(report.stdout.strip().splitlines()[-1])["checkpoint"] == f"{url}/step-{STEPS:09d}"
+    staged = node / "spot" / ".checkpoint-staging"
+    assert staged.is_dir() and not [p for p in staged.rglob("*") if p.is_file()]  # staged files go once uploaded
+    assert not (node / "spot" / "checkpoints").exists()
+
+
+def test_preflight_names_a_checkpoint_bucket_it_cannot_write(s3, digits_in_s3, tmp_path):
+    from rtrain.config import load_recipe
+    from rtrain.launch.preflight import PreflightError, preflight
+    from rtrain.launch.recipe import prepare_recipe
+
+    def problems(url: str) -> list[str]:
+        recipe = load_recipe(REPO / "recipes/quickstart.yaml", [f"data.source={digits_in_s3[1]}", f"checkpoint.dir={url}",
+                                                                 f"run.output_root={tmp_path}", "tracking.enabled=false"])
+        try:
+            preflight(prepare_recipe(recipe))
+        except PreflightError as exc:
+            return exc.problems
+        return []
+
+    assert problems(s3.url("preflight", "ok")) == []
+    assert not _keys(s3, "preflight/")  # the probe object is gone again
+    [line] = problems("s3://no-such-bucket-rtrain/run")
+    assert line.startswith("checkpoint.dir='s3://no-such-bucket-rtrain/run': cannot write there (") and "\n" not in line

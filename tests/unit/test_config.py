@@ -174,12 +174,17 @@ def test_credentials_are_redacted_wherever_they_sit_in_a_line():
 
 
 @pytest.mark.parametrize("override,key", [
-    ("checkpoint.dir=s3://bucket/run", "checkpoint.dir"),
-    ("run.output_root=gs://bucket/runs", "run.output_root"),
-    ("checkpoint.dir=file:///tmp/ckpt", "checkpoint.dir"),
+    ("run.output_root=s3://bucket/runs", "run.output_root"),
+    ("run.output_root=file:///tmp/runs", "run.output_root"),
 ])
-def test_object_store_outputs_are_refused_not_written_to_a_local_folder_named_s3(override, key):
-    # Before: `checkpoint.dir=s3://bucket/run` trained to exit 0 with every checkpoint in ./s3:/bucket/run.
+def test_url_run_outputs_are_refused_not_written_to_a_local_folder_named_s3(override, key):
+    # Before: such a root trained to exit 0 with every output in ./s3:/bucket/runs.
     message = _error(override)
-    assert f"{key}: an object-store or other URL is not supported for run outputs and checkpoints yet" in message
-    assert loads_recipe("checkpoint: {dir: /tmp/ckpt}").checkpoint.dir == "/tmp/ckpt"
+    assert f"{key}: an object-store or other URL is not supported for run outputs yet" in message
+
+
+def test_checkpoint_dir_may_be_a_bucket_with_a_prefix():
+    recipe = loads_recipe("checkpoint: {dir: 's3://bucket/run/checkpoints'}")
+    assert recipe.checkpoint_dir == "s3://bucket/run/checkpoints"  # rtrain.checkpoint.remote, not a Path
+    assert "checkpoint.dir: an object-store URL needs a bucket" in _error("checkpoint.dir=s3://")
+    assert loads_recipe("checkpoint: {dir: /tmp/ckpt}").checkpoint_dir == Path("/tmp/ckpt")
