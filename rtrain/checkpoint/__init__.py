@@ -21,7 +21,7 @@ __all__ = ["CheckpointError", "CheckpointManager", "CheckpointsDamaged", "Loaded
 
 
 def open_checkpoints(root: Any, *, staging: str | os.PathLike | None = None, save_tag: str = "",
-                     **kwargs: Any) -> CheckpointManager:
+                     retry_s: float = 300.0, **kwargs: Any) -> CheckpointManager:
     """The manager for `root`: a folder (CheckpointManager), or an object-store URL (remote.py, which stages
     files in `staging`, a local folder; default one of this user's under the system's temp folder)."""
     if not is_url(root):
@@ -31,4 +31,4 @@ def open_checkpoints(root: Any, *, staging: str | os.PathLike | None = None, sav
     if staging is None:
         staging = os.path.join(tempfile.gettempdir(), f"rtrain-checkpoint-staging-u{os.getuid()}")
     os.makedirs(staging, mode=0o700, exist_ok=True)
-    return RemoteCheckpointManager(str(root), staging=staging, save_tag=save_tag, **kwargs)
+    return RemoteCheckpointManager(str(root), staging=staging, save_tag=save_tag, retry_s=retry_s, **kwargs)

@@ -112,7 +112,7 @@ class CheckpointManager:
     def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any] | None = None,
              meta: dict | None = None) -> None:
         started = time.perf_counter()
-        self.wait()
+        self._finish_pending()
         job = self._prepare(step, shared, per_rank, meta)
         if self._executor is None:
             self._write(job)
@@ -122,6 +122,10 @@ class CheckpointManager:
         self.last_save_blocking_s = time.perf_counter() - started
 
     def wait(self) -> None:
+        """Until the newest save is complete; raises if it failed."""
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
         pending, step = self._pending, self._pending_step
         self._pending, self._pending_step = None, None
         if pending is None:

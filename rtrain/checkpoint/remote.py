@@ -7,7 +7,10 @@ Commit protocol (no rename in an object store, so the manifest is the commit):
 - rank 0 waits for every rank's DONE carrying this save's id, uploads meta.json, then MANIFEST.json last:
   a step without a manifest (an upload cut short, a killed rank) does not exist for list(), latest() or a
   resume, and a later save of that step writes over it;
-- the other ranks return once the manifest with their save id is there.
+- the other ranks return once their DONE is uploaded (rank 0 alone knows whether the step was published: its
+  wait() raises when the run's last checkpoint was not).
+A store that fails during a save is retried with backoff for checkpoint.upload_retry_s; after that the step is
+given up, unpublished (one warning), and training goes on: a later save publishes a later step.
 The save id is the same on every rank without asking anyone: the attempt's token (the stall watchdog's,
 broadcast at start), the step and the count of saves of this manager. A DONE left by a killed attempt never
 counts for a later one.
@@ -53,8 +56,11 @@ class RemoteCheckpointManager(CheckpointManager):
 
     def __init__(self, url: str, keep: int | None = 3, rank: int = 0, world_size: int = 1,
                  async_save: bool = False, finalize_timeout_s: float = 600, *, staging: str | os.PathLike,
-                 save_tag: str = "", storage_options: dict[str, Any] | None = None) -> None:
+                 save_tag: str = "", storage_options: dict[str, Any] | None = None,
+                 retry_s: float = 300.0) -> None:
         self.url = ObjectPath(url)
+        self.retry_s = float(retry_s)
+        self.unpublished: CheckpointError | None = None  # the newest save, when it could not be published
         self.staging = Path(staging)
         self.save_tag = save_tag or uuid.uuid4().hex[:12]
         self.storage_options = storage_options
@@ -106,7 +112,49 @@ class RemoteCheckpointManager(CheckpointManager):
         job.save_id = f"{self.save_tag}-{step}-{self._saves}"
         return job
 
+    def wait(self) -> None:
+        """Until the newest save is complete; raises when it was given up (the run's last checkpoint must
+        publish: a save during training may be given up, with a warning, and training goes on)."""
+        self._finish_pending()
+        if self.unpublished is not None:
+            raise self.unpublished
+
     def _write(self, job: SaveJob) -> None:
+        """Upload, retried with backoff for retry_s while the store fails; given up after that (unpublished:
+        no manifest, so nothing half-visible), with one warning, not an exception: training goes on."""
+        step_name = files.step_dir_name(job.step)
+        deadline, delay, tries = time.monotonic() + self.retry_s, 1.0, 0
+        while True:
+            tries += 1
+            try:
+                self._write_once(job)
+                self.unpublished = None
+                if tries > 1:
+                    logger.warning("published %s after %d tries", self.url / step_name, tries)
+                return
+            except _StoreFailure as failure:
+                if time.monotonic() + delay > deadline:
+                    error = failure.error
+                    break
+                logger.warning("%s: upload failed (%s); retrying in %.0f s", self.url / step_name, failure, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except CheckpointError as error_:  # the protocol's own (a rank that never finished): not retried
+                error = error_
+                break
+        saved = self.list_quietly()
+        newest = f"the newest published checkpoint is {saved[0]}" if saved else "no checkpoint is published yet"
+        self.unpublished = CheckpointError(f"{self.url / step_name}: not published: {error} (tried {tries} "
+                                           f"time(s) in {self.retry_s:g} s, checkpoint.upload_retry_s); {newest}")
+        logger.warning("%s; training goes on", self.unpublished)
+
+    def list_quietly(self) -> list[ObjectPath]:
+        try:
+            return self.list()
+        except Exception:  # noqa: BLE001 - the store is away: nothing to name
+            return []
+
+    def _write_once(self, job: SaveJob) -> None:
         step_name = files.step_dir_name(job.step)
         stage = self.staging / f"{step_name}-{job.save_id}-rank{self.rank}"
         started = time.perf_counter()
@@ -124,13 +172,11 @@ class RemoteCheckpointManager(CheckpointManager):
                 written[META_NAME] = FileDigest.of_bytes(meta)
                 manifest = files.build_manifest(job.step, self.world_size, job.save_id, written)
                 self._put(f"{step_name}/{MANIFEST_NAME}", (json.dumps(manifest, indent=2) + "\n").encode())
-            else:
-                self._await_publication(step_name, job.save_id)
         except CheckpointError:
             raise
         except Exception as error:  # noqa: BLE001 - object stores raise many types; one line names the step
-            raise CheckpointError(f"{self.url / step_name}: cannot upload the checkpoint "
-                                  f"({type(error).__name__}: {' '.join(str(error).split())[:300]})") from error
+            raise _StoreFailure(CheckpointError(f"cannot upload the checkpoint ({type(error).__name__}: "
+                                                f"{' '.join(str(error).split())[:300]})")) from error
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         seconds = time.perf_counter() - started
@@ -139,7 +185,11 @@ class RemoteCheckpointManager(CheckpointManager):
         if self.rank == 0:
             logger.info("saved checkpoint %s (%d bytes from this rank, uploaded in %.2f s)", self.url / step_name,
                         uploaded, seconds)
-            self._prune(job.step)
+            try:
+                self._prune(job.step)
+            except Exception as error:  # noqa: BLE001 - the checkpoint is published; pruning waits for the next
+                logger.warning("%s: pruning older checkpoints failed (%s: %s); the next save tries again",
+                               self.url, type(error).__name__, " ".join(str(error).split())[:200])
 
     def _upload_part(self, job: SaveJob, stage: Path, step_name: str) -> dict[str, FileDigest]:
         """This rank's files (and rank 0's shared ones), then its DONE: the files the manifest will list."""
@@ -175,20 +225,6 @@ class RemoteCheckpointManager(CheckpointManager):
             if poller.expired():
                 raise CheckpointError(f"{self.url / step_name}: ranks {sorted(pending)} did not finish uploading "
                                       f"within {self.finalize_timeout_s:g} s; did every rank call save()?")
-            poller.sleep()
-
-    def _await_publication(self, step_name: str, save_id: str) -> None:
-        poller = Poller(self.finalize_timeout_s)
-        while True:
-            data = self._get(f"{step_name}/{MANIFEST_NAME}")
-            try:
-                if data is not None and json.loads(data).get("save_id") == save_id:
-                    return
-            except (ValueError, AttributeError):
-                pass
-            if poller.expired():
-                raise CheckpointError(f"{self.url / step_name}: rank {self.rank} waited "
-                                      f"{self.finalize_timeout_s:g} s for rank 0 to publish this checkpoint")
             poller.sleep()
 
     def _prune(self, saved_step: int) -> None:
@@ -328,6 +364,14 @@ class RemoteCheckpointManager(CheckpointManager):
         self._put(f"{target}.reason", (reason + "\n").encode())
         self._remove(step_name)
         logger.warning("moved damaged checkpoint %s to %s (%s)", path, self.url / target, reason)
+
+
+class _StoreFailure(Exception):
+    """The object store failed during a save (retried); `error` says how, in one line."""
+
+    def __init__(self, error: CheckpointError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _parse_marker(data: bytes, save_id: str) -> dict[str, FileDigest] | None:

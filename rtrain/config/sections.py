@@ -276,6 +276,10 @@ class CheckpointConfig(Section):
     every_steps: int | None = Field(None, ge=1, description="Save every this many steps (None = per epoch).")
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
+    upload_retry_s: float = Field(
+        300.0, ge=0, description="checkpoint.dir in an object store: how long an upload that fails is retried "
+        "(with backoff) before that checkpoint is given up (training goes on, one warning; the run's last "
+        "checkpoint must publish or the run fails).")
     resume: str = Field("auto", description="auto = newest verified checkpoint if any; never; or a step-N path.")
 
     @field_validator("dir")

@@ -267,6 +267,12 @@ class _Fit:
         meta["final"] = final
         p.checkpointer.save(p.state.step, shared, per_rank, meta)
         self._progress("saved a checkpoint")
+        if p.tracker is not None:  # what the save cost the step loop; an object store's last upload
+            metrics = {"checkpoint/blocked_s": float(getattr(p.checkpointer, "last_save_blocking_s", 0.0))}
+            upload = getattr(p.checkpointer, "last_upload", None) or {}
+            metrics.update({f"checkpoint/upload_{key}": float(value) for key, value in upload.items()
+                            if key in ("seconds", "bytes")})
+            p.tracker.log_metrics(metrics, step=p.state.step)
 
     def _summary(self) -> dict[str, Any]:
         s = self.p.state

@@ -74,7 +74,8 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     normalizer = Normalizer(data.mean, data.std, device, data.channels_last)
     manager = open_checkpoints(recipe.checkpoint_dir, keep=recipe.checkpoint.keep, rank=rank, world_size=world,
                                async_save=recipe.checkpoint.async_save, save_tag=watchdog.attempt,
-                               staging=recipe.run_dir / CHECKPOINT_STAGING)
+                               staging=recipe.run_dir / CHECKPOINT_STAGING,
+                               retry_s=recipe.checkpoint.upload_retry_s)
     stop_watch = RankStopWatch(recipe.run_dir, StepAgreement())
     parts = FitParts(
         train=train, precision=recipe.precision, evaluation=recipe.eval, checkpoint=recipe.checkpoint,

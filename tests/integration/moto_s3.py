@@ -30,6 +30,7 @@ class S3Server:
     bucket: str
     env: dict[str, str]
     log: Path  # the server's own request log: what it was asked for, counted on the server's side
+    pid: int
 
     def url(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -82,7 +83,7 @@ def moto_s3_server(workdir: Path, bucket: str = "rtrain-test") -> Iterator[S3Ser
             for name, value in env.items():
                 patch.setenv(name, value)
             patch.delenv("AWS_PROFILE", raising=False)
-            server = S3Server(endpoint, bucket, env, log)
+            server = S3Server(endpoint, bucket, env, log, process.pid)
             server.client().create_bucket(Bucket=bucket)
             yield server
     finally:

@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -177,10 +178,10 @@ def test_a_node_cache_fetches_each_shard_once_verifies_it_and_is_shared(s3: S3Se
     assert _same(_batches(small_cfg(url, num_workers=2, **cached)), local_epoch)  # detected, fetched again
     assert len(s3.gets("digits/train/")) == before + len(first) + 1
 
-    # Two ranks of a node, with two loader worker processes each, start at once on an empty cache.
+    # Two ranks of a node (processes), with two loader worker processes each, start at once on an empty cache.
     shared = {"cache_dir": str(tmp_path / "shared"), "cache_max_gb": 1.0}
     before = len(s3.gets("digits/train/"))
-    with ThreadPoolExecutor(2) as pool:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         ranks = [pool.submit(_rank_epoch, small_cfg(url, num_workers=2, **shared), rank) for rank in (0, 1)]
         assert all(future.result(timeout=300) for future in ranks)
     fetched = s3.gets("digits/train/")[before:]
@@ -196,18 +197,19 @@ def _rank_epoch(cfg, rank: int) -> int:
 # ------------------------------------------------------------------------- checkpoints in the bucket
 
 def _save_on_two_ranks(url: str, staging: Path, step: int, tag: str = "t", keep: int | None = 2, wait_s: float = 20,
-                       **hooks) -> None:
+                       retry_s: float = 0, **hooks) -> None:
     """Both ranks of a 2-rank job save `step` at once (threads: the protocol uses no collectives)."""
     errors = []
 
     def rank(r: int) -> None:
         manager = open_checkpoints(url, rank=r, world_size=2, keep=keep, staging=staging / f"r{r}", save_tag=tag,
-                                   finalize_timeout_s=wait_s)
+                                   finalize_timeout_s=wait_s, retry_s=retry_s)
         for name, hook in hooks.items() if r == 0 else ():
             setattr(manager, name, hook(manager))
         try:
             shared = {"model": {"w": torch.full((4,), float(step))}} if r == 0 else {}
             manager.save(step, shared, {"rng": {"r": torch.tensor([r, step])}}, {"step": step} if r == 0 else None)
+            manager.wait()  # rank 0: raises when the step was not published
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -246,8 +248,9 @@ def test_checkpoints_in_a_bucket_commit_with_the_manifest_last_verify_prune_and_
             put(rel, data)
         return refuse
 
-    with pytest.raises(CheckpointError, match="step-000000012: cannot upload the checkpoint"):
-        _save_on_two_ranks(url, tmp_path, 12, tag="killed", wait_s=2, _put=no_manifest)
+    with pytest.raises(CheckpointError, match=r"step-000000012: not published: cannot upload the checkpoint "
+                                              r"\(ConnectionError: killed before the manifest\) \(tried 1 time"):
+        _save_on_two_ranks(url, tmp_path, 12, tag="killed", _put=no_manifest)
     assert "ckpt-protocol/step-000000012/rank-00001/rng.pt" in _keys(s3, "ckpt-protocol/step-000000012")
     assert [p.name for p in reader.list()] == ["step-000000009", "step-000000006"]
     assert reader.latest().step == 9
@@ -316,8 +319,9 @@ def test_preflight_names_a_checkpoint_bucket_it_cannot_write(s3, digits_in_s3, t
     from rtrain.launch.recipe import prepare_recipe
 
     def problems(url: str) -> list[str]:
-        recipe = load_recipe(REPO / "recipes/quickstart.yaml", [f"data.source={digits_in_s3[1]}", f"checkpoint.dir={url}",
-                                                                 f"run.output_root={tmp_path}", "tracking.enabled=false"])
+        recipe = load_recipe(REPO / "recipes/quickstart.yaml", [
+            f"data.source={digits_in_s3[1]}", f"checkpoint.dir={url}", f"run.output_root={tmp_path}",
+            "tracking.enabled=false"])
         try:
             preflight(prepare_recipe(recipe))
         except PreflightError as exc:
@@ -328,3 +332,59 @@ def test_preflight_names_a_checkpoint_bucket_it_cannot_write(s3, digits_in_s3, t
     assert not _keys(s3, "preflight/")  # the probe object is gone again
     [line] = problems("s3://no-such-bucket-rtrain/run")
     assert line.startswith("checkpoint.dir='s3://no-such-bucket-rtrain/run': cannot write there (") and "\n" not in line
+
+
+def _moto_again(s3: S3Server, workdir: Path) -> subprocess.Popen:
+    """The store back after an outage, on the same port (moto keeps nothing: the bucket is made anew)."""
+    port = s3.endpoint.rsplit(":", 1)[1]
+    with open(workdir / "moto-again.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for(lambda: _answers(s3) or process.poll() is not None, 60, "moto to answer again")
+    s3.client().create_bucket(Bucket=s3.bucket)
+    return process
+
+
+def _answers(s3: S3Server) -> bool:
+    try:
+        s3.client().list_buckets()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_a_store_outage_during_saves_is_retried_and_training_goes_on(tmp_path, caplog):
+    """Its own server, stopped for real: a save retries until the store is back and publishes; one that outlasts
+    checkpoint.upload_retry_s is given up with a warning (no exception: training goes on), nothing half-visible,
+    and wait() (the run's end) names it; the next save publishes."""
+    with moto_s3_server(tmp_path) as s3:
+        url = s3.url("outage")
+        rank0 = open_checkpoints(url, keep=3, staging=tmp_path / "stage", save_tag="o", retry_s=60, async_save=True)
+        rank0.save(3, {"model": {"w": torch.zeros(2)}})
+        rank0.wait()
+        os.kill(s3.pid, signal.SIGTERM)  # the store goes away
+        wait_for(lambda: not _answers(s3), 30, "moto to stop")
+        rank0.save(6, {"model": {"w": torch.ones(2)}})  # in the background: returns at once
+        wait_for(lambda: "upload failed" in caplog.text, 60, "a failed upload to be retried")
+        again = _moto_again(s3, tmp_path)
+        try:
+            rank0.wait()  # the retried upload went through
+            assert "published s3://rtrain-test/outage/step-000000006 after" in caplog.text
+            assert [p.name for p in rank0.list()] == ["step-000000006"]  # (moto lost step 3 with its memory)
+            again.terminate()
+            again.wait(timeout=30)
+            wait_for(lambda: not _answers(s3), 30, "moto to stop")
+            short = open_checkpoints(url, keep=3, staging=tmp_path / "stage", save_tag="p", retry_s=2)
+            short.save(9, {"model": {"w": torch.full((2,), 9.0)}})  # synchronous, gives up after ~2 s: no raise
+            with pytest.raises(CheckpointError, match=r"step-000000009: not published: cannot upload the "
+                                                      r"checkpoint \(.*\(tried \d+ time\(s\) in 2 s, "
+                                                      r"checkpoint.upload_retry_s\)"):
+                short.wait()  # the run's end would fail on it
+            again = _moto_again(s3, tmp_path)
+            short.save(12, {"model": {"w": torch.full((2,), 12.0)}})
+            short.wait()
+            assert [p.name for p in short.list()] == ["step-000000012"]
+            assert not _keys(s3, "outage/step-000000009")  # nothing of the given-up step is visible
+        finally:
+            again.terminate()
+            again.wait(timeout=30)
