@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -90,10 +91,16 @@ class ShardCache:
     def _verified_copy(self, path: Path, entry: Any) -> BinaryIO | None:
         """The cached copy, opened and hashed through one descriptor (eviction cannot swap it); None when
         there is none or it no longer matches (then it is removed and fetched again)."""
-        try:
-            handle = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
+        try:  # never blocks on a FIFO planted under the name: non-blocking open, then a regular file only
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            log.warning("cache entry %s is not a regular file: not used, %s read from its store", path, entry.name)
+            raise ShardError(f"data.cache_dir {self.root}: {path.name} is not a regular file (remove it)")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
         try:
             digest, size = hashlib.sha256(), 0
             while block := handle.read(_BLOCK):

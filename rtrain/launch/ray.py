@@ -146,6 +146,9 @@ def _interrupted_when_lost(head: HeadWatch) -> Iterator[None]:
         if head.lost:
             raise KeyboardInterrupt(head.lost)
 
+    if head.timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
+        yield  # off, or a launch from another thread (a signal handler is the main thread's): Ray's own abort
+        return
     previous = signal.signal(HEAD_LOST_SIGNAL, raise_lost)
     try:
         with head:

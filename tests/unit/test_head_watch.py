@@ -52,3 +52,18 @@ def test_nothing_is_watched_outside_ray_or_when_off():
     assert HeadWatch(5.0).start()._thread is None  # this process is not connected to Ray
     assert HeadWatch(0.0, address="127.0.0.1:1").start()._thread is None
     assert not HeadWatch(5.0, address="127.0.0.1:notaport").answers()
+
+
+def test_a_launch_from_another_thread_installs_no_signal_handler():
+    from rtrain.launch.ray import _interrupted_when_lost
+
+    done = []
+
+    def launch() -> None:
+        with _interrupted_when_lost(HeadWatch(5.0, address="127.0.0.1:1")):
+            done.append(True)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    thread.join(10)
+    assert done == [True]

@@ -116,3 +116,13 @@ def test_processes_sharing_the_cache_download_each_shard_once(tmp_path):
         proc.join(timeout=30)
     assert all(same for same, _ in outcomes)
     assert sum(fetches for _, fetches in outcomes) == 1  # one downloaded; three waited and used its copy
+
+
+def test_a_fifo_planted_under_a_shards_name_is_refused_not_waited_on(tmp_path):
+    body = os.urandom(100)
+    entry = _entry("f.tar", body)
+    cache = ShardCache(tmp_path / "cache", max_bytes=1 << 20)
+    cache.root.mkdir(mode=0o700)
+    os.mkfifo(cache.path_of(entry))
+    with pytest.raises(ShardError, match=r"is not a regular file"):
+        _read(cache, entry, Store(body))
