@@ -215,22 +215,13 @@ class CheckpointManager:
         manifest = files.read_manifest(path)
         files.check_step_name(path, manifest)
         files.verify_files(path, manifest)
-        own_dir = files.rank_dir_name(self.rank)
-        shared: dict[str, Any] = {}
-        per_rank: dict[str, Any] = {}
-        for name in manifest["files"]:
-            folder, _, file_name = name.rpartition("/")
-            wanted = (SHARED_DIR,) if shared_only else (SHARED_DIR, own_dir)
-            if file_name.endswith(STATE_SUFFIX) and folder in wanted:
-                states = shared if folder == SHARED_DIR else per_rank
-                states[file_name[: -len(STATE_SUFFIX)]] = files.load_torch_file(path, name)
-        meta = files.read_meta(path, manifest)
+        loaded = loaded_from(path, manifest, self.rank, shared_only)
         if manifest["world_size"] != self.world_size and not shared_only:
             logger.warning(
                 "%s was written by %d ranks, this job has %d: rank %d gets %s per-rank states",
-                path, manifest["world_size"], self.world_size, self.rank, "its" if per_rank else "no",
+                path, manifest["world_size"], self.world_size, self.rank, "its" if loaded.per_rank else "no",
             )
-        return Loaded(manifest["step"], path, shared, per_rank, meta, manifest["world_size"])
+        return loaded
 
     def per_rank_states_of(self, loaded: Loaded, rank: int) -> dict[str, Any]:
         """Another rank's per-rank states of a loaded checkpoint (verified again), for a job on another world
@@ -326,3 +317,16 @@ def _snapshot_group(group: str, states: Any, buffers: snapshot.SnapshotBuffers |
         files.check_state_name(name, group)
         snapshots[name] = snapshot.snapshot_state(state, f"{group}[{name!r}]", buffers)
     return snapshots
+
+
+def loaded_from(path: Path, manifest: dict, rank: int, shared_only: bool) -> Loaded:
+    """The shared states and `rank`'s own (none with `shared_only`) of a verified checkpoint folder."""
+    wanted = (SHARED_DIR,) if shared_only else (SHARED_DIR, files.rank_dir_name(rank))
+    shared: dict[str, Any] = {}
+    per_rank: dict[str, Any] = {}
+    for name in manifest["files"]:
+        folder, _, file_name = name.rpartition("/")
+        if file_name.endswith(STATE_SUFFIX) and folder in wanted:
+            states = shared if folder == SHARED_DIR else per_rank
+            states[file_name[: -len(STATE_SUFFIX)]] = files.load_torch_file(path, name)
+    return Loaded(manifest["step"], path, shared, per_rank, files.read_meta(path, manifest), manifest["world_size"])

@@ -46,7 +46,7 @@ from rtrain.checkpoint.files import (
     CheckpointError,
     FileDigest,
 )
-from rtrain.checkpoint.manager import CheckpointManager, Loaded
+from rtrain.checkpoint.manager import CheckpointManager, Loaded, loaded_from
 
 logger = logging.getLogger("rtrain.checkpoint")
 
@@ -300,7 +300,7 @@ class RemoteCheckpointManager(CheckpointManager):
         self._download(step_name, local, wanted)
         checked = {**manifest, "files": wanted}
         _renamed(path, local, lambda: files.verify_files(local, checked))
-        loaded = _renamed(path, local, lambda: self._load_states(local, checked, shared_only))
+        loaded = _renamed(path, local, lambda: loaded_from(local, checked, self.rank, shared_only))
         loaded.path = path
         return loaded
 
@@ -320,19 +320,6 @@ class RemoteCheckpointManager(CheckpointManager):
             target = local / name
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(self._key(step_name, name), str(target))
-
-    def _load_states(self, local: Path, manifest: dict, shared_only: bool) -> Loaded:
-        own_dir = files.rank_dir_name(self.rank)
-        shared: dict[str, Any] = {}
-        per_rank: dict[str, Any] = {}
-        for name in manifest["files"]:
-            folder, _, file_name = name.rpartition("/")
-            if file_name.endswith(files.STATE_SUFFIX) and folder in ((SHARED_DIR,) if shared_only else
-                                                                    (SHARED_DIR, own_dir)):
-                states = shared if folder == SHARED_DIR else per_rank
-                states[file_name[: -len(files.STATE_SUFFIX)]] = files.load_torch_file(local, name)
-        meta = files.read_meta(local, manifest)
-        return Loaded(manifest["step"], local, shared, per_rank, meta, manifest["world_size"])
 
     def per_rank_states_of(self, loaded: Loaded, rank: int) -> dict[str, Any]:
         if not 0 <= rank < loaded.world_size:

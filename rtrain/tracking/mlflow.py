@@ -102,7 +102,8 @@ class MlflowTracker:
 
         # The only folders whose files an outbox record (a file anyone could edit) may have uploaded;
         # None = no limit (a tracker outside a run).
-        self._artifact_roots = None if artifact_roots is None else [Path(r).resolve() for r in artifact_roots]
+        self._artifact_roots = None if artifact_roots is None else [  # a bucket's checkpoints are no folder here
+            Path(r).resolve() for r in artifact_roots if "://" not in str(r)]
         self.uri = resolve_tracking_uri(uri)
         self._client: MlflowClient = mlflow_client(self.uri)
         self._finished = False
@@ -391,14 +392,9 @@ def build_tracker(recipe: Recipe, rank: int, resume_state: Mapping[str, Any] | N
         tracking.uri, tracking.experiment, recipe.run.name, tags,
         run_id=run_id_from_state(resume_state), outbox=recipe.run_dir / OUTBOX_DIR / OUTBOX_NAME,
         reconnect_every_s=tracking.reconnect_every_s, resumes=resumes_from_state(resume_state),
-        resume_step=resume_step, artifact_roots=_local_roots(recipe.run_dir, recipe.checkpoint_dir),
+        resume_step=resume_step, artifact_roots=(recipe.run_dir, recipe.checkpoint_dir),
         system_metrics_interval_s=tracking.system_metrics_interval_s if tracking.system_metrics else None)
     if log_recipe:
         tracker.log_params(flatten_params(recipe.record()))  # credentials redacted
         tracker.log_text(recipe.to_yaml(), "recipe.yaml")
     return tracker
-
-
-def _local_roots(*roots: Any) -> tuple[Any, ...]:
-    """Folders whose files the outbox may hold back (a checkpoint folder in an object store is none)."""
-    return tuple(root for root in roots if "://" not in str(root))
