@@ -8,7 +8,13 @@ fsspec is imported only when a filesystem is asked for. Nothing here writes a cr
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
+
+# botocore retries a call that timed out 4 times (its legacy mode) inside each of s3fs's 5 tries (which also
+# cover throttling: SlowDown): a server that stopped answering held a call for about 14 minutes. Two attempts
+# per try (s3fs's own timeouts: 5 s to connect, 15 s per read) bound it to a few minutes.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 2}
 
 
 def is_url(location: Any) -> bool:
@@ -19,6 +25,9 @@ class ObjectPath(str):
     """A location in an object store: `root / "step-000000009"`, `.name`, `.parent`, `.as_uri()`."""
 
     def __new__(cls, location: str) -> ObjectPath:
+        scheme, sep, rest = str(location).partition("://")
+        if sep:  # `s3://b//run/` and `s3://b/run` are one place (a store's listing never shows the empty part)
+            return super().__new__(cls, f"{scheme}://{re.sub('/+', '/', rest).rstrip('/')}")
         return super().__new__(cls, str(location).rstrip("/"))
 
     def __truediv__(self, other: Any) -> ObjectPath:
@@ -40,14 +49,20 @@ class ObjectPath(str):
 
 
 def s3_options(location: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """fsspec options for a URL: the given ones, plus the endpoint from AWS_ENDPOINT_URL_S3 /
-    AWS_ENDPOINT_URL for s3:// when the options do not name one (not every botocore build reads them)."""
+    """fsspec options for a URL: the given ones, plus, for s3://, the endpoint from AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL when the options do not name one (not every botocore build reads them) and botocore's
+    retries bounded when they set none."""
     options = dict(storage_options or {})
+    if not location.startswith(("s3://", "s3a://")):
+        return options
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if location.startswith(("s3://", "s3a://")) and endpoint and "endpoint_url" not in options:
+    if endpoint and "endpoint_url" not in options:
         client_kwargs = dict(options.get("client_kwargs") or {})
         client_kwargs.setdefault("endpoint_url", endpoint)
         options["client_kwargs"] = client_kwargs
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", dict(S3_RETRIES))
+    options["config_kwargs"] = config
     return options
 
 

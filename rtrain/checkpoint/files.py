@@ -175,7 +175,7 @@ def read_manifest(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{ckpt_dir}: missing {MANIFEST_NAME}") from None
     except (OSError, ValueError) as error:  # a symlink (ELOOP), a FIFO or a device, garbage
         raise CheckpointError(f"{ckpt_dir}: unreadable {MANIFEST_NAME}: {error}") from None
-    problem = _manifest_problem(manifest)
+    problem = manifest_problem(manifest)
     if problem:
         raise CheckpointError(f"{ckpt_dir}: bad {MANIFEST_NAME}: {problem}")
     return manifest
@@ -188,26 +188,64 @@ def check_step_name(ckpt_dir: Path, manifest: dict) -> None:
         raise CheckpointError(f"{ckpt_dir}: {MANIFEST_NAME} says step {manifest['step']}, directory name disagrees")
 
 
-def _manifest_problem(manifest: Any) -> str | None:
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RANK_DIR = re.compile(r"rank-(\d{5})")
+SAVE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one safe path part (a folder in a bucket)
+MAX_NAME_PART = 200  # a listed name's parts stay well under the 255 bytes of a file name
+
+
+def _name_part_ok(part: str) -> bool:
+    return 0 < len(part) <= MAX_NAME_PART and not part.startswith(".") and all(
+        ch.isalnum() or ch in "_-." for ch in part)
+
+
+def entry_name_problem(name: Any, world_size: int) -> str | None:
+    """What is wrong with a file name a manifest (or a rank's DONE) lists: only what rtrain writes is read,
+    `meta.json`, `shared/<state>.pt` and `rank-NNNNN/<file>` for a rank of the job, in portable characters."""
+    if not isinstance(name, str):
+        return f"file entry {name!r} is not a string"
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts:
+        return f"file entry {name[:200]!r} points outside the checkpoint"
+    if not 1 <= len(parts) <= 2 or not all(_name_part_ok(part) for part in parts):
+        return f"file entry {name[:200]!r} is not a name rtrain writes"
+    rank = _RANK_DIR.fullmatch(parts[0])
+    if len(parts) == 2 and parts[0] != SHARED_DIR and not (rank and int(rank.group(1)) < world_size):
+        return f"file entry {name[:200]!r} is in a folder that is neither {SHARED_DIR}/ nor a rank of the job's"
+    return None
+
+
+def entry_problem(name: Any, entry: Any, world_size: int) -> str | None:
+    problem = entry_name_problem(name, world_size)
+    if problem:
+        return problem
+    if not isinstance(entry, dict) or type(entry.get("size")) is not int or entry["size"] < 0 or not isinstance(
+            entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+        return f"file entry {name!r} lacks sha256/size"
+    return None
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a parsed MANIFEST.json (None: nothing); also checked before one is published."""
     if not isinstance(manifest, dict):
         return "not a JSON object"
     if manifest.get("format") != FORMAT_NAME:
-        return f"format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}"
+        return f"format is {str(manifest.get('format'))[:100]!r}, expected {FORMAT_NAME!r}"
     if manifest.get("version") != FORMAT_VERSION:
-        return f"version is {manifest.get('version')!r}, this rtrain reads {FORMAT_VERSION}"
-    for key in ("step", "world_size"):
-        if type(manifest.get(key)) is not int:
-            return f"'{key}' is missing or not an int"
+        return f"version is {str(manifest.get('version'))[:100]!r}, this rtrain reads {FORMAT_VERSION}"
+    for key, least in (("step", 0), ("world_size", 1)):
+        if type(manifest.get(key)) is not int or manifest[key] < least:
+            return f"'{key}' is missing or not an int >= {least}"
+    save_id = manifest.get("save_id")
+    if save_id is not None and not (isinstance(save_id, str) and SAVE_ID_PATTERN.fullmatch(save_id)):
+        return f"'save_id' {str(save_id)[:100]!r} is not a save id rtrain writes"
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return "'files' is missing or empty"
     for name, entry in files.items():
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            return f"file entry {name!r} points outside the checkpoint"
-        if not isinstance(entry, dict) or type(entry.get("size")) is not int or not isinstance(
-            entry.get("sha256"), str
-        ):
-            return f"file entry {name!r} lacks sha256/size"
+        problem = entry_problem(name, entry, manifest["world_size"])
+        if problem:
+            return problem
     return None
 
 

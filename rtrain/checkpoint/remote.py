@@ -1,24 +1,33 @@
 """Checkpoints in an object store (checkpoint.dir=s3://bucket/run/checkpoints, or another fsspec URL): the same
-layout, verification, keep-k pruning and damage policy as on disk, without a filesystem that every node mounts.
+verification, keep-k pruning and damage policy as on disk, without a filesystem that every node mounts.
 
-Commit protocol (no rename in an object store, so the manifest is the commit):
-- every rank writes its files to local staging (hashed as they are written), uploads them to
-  `<url>/step-N/rank-r/` (rank 0 also `shared/`), then uploads `rank-r/DONE` listing them with the save's id;
-- rank 0 waits for every rank's DONE carrying this save's id, uploads meta.json, then MANIFEST.json last:
-  a step without a manifest (an upload cut short, a killed rank) does not exist for list(), latest() or a
-  resume, and a later save of that step writes over it;
+Layout (no rename in an object store, so the manifest is the commit):
+    step-N/MANIFEST.json                  the commit: names the save (its id) whose files make the step
+    step-N/<save id>/shared/<name>.pt     rank 0's
+    step-N/<save id>/rank-r/<name>.pt     rank r's, then rank-r/DONE listing them with the save's id
+    step-N/<save id>/meta.json
+- every rank writes its files to local staging (hashed as they are written), uploads them under its save's
+  folder, then its DONE;
+- rank 0 waits for every rank's DONE of this save, checks what they list (names rtrain writes, sizes, sha256),
+  uploads meta.json, checks the manifest it built, then writes MANIFEST.json: one put that publishes the step,
+  or replaces an earlier save of that step (another timeline's) which stayed published until then. A save
+  cut short (a killed rank, a store that went away) leaves a folder that no manifest names: it does not exist
+  for list(), latest() or a resume, and pruning removes it;
 - the other ranks return once their DONE is uploaded (rank 0 alone knows whether the step was published: its
   wait() raises when the run's last checkpoint was not).
 A store that fails during a save is retried with backoff for checkpoint.upload_retry_s; after that the step is
-given up, unpublished (one warning), and training goes on: a later save publishes a later step.
+given up, unpublished (one warning), and training goes on: a later save publishes a later step. A full or
+broken staging disk is not a store outage: it fails the save at once, naming the folder.
 The save id is the same on every rank without asking anyone: the attempt's token (the stall watchdog's,
 broadcast at start), the step and the count of saves of this manager. A DONE left by a killed attempt never
 counts for a later one.
 
-Loading downloads the manifest and every file it lists into local staging (a reader of the weights only, e.g.
-`rtrain eval`: the shared ones), checks each against the manifest's size and sha256, and loads from there.
-A file that fails (a flipped byte in the bucket) makes the checkpoint damaged: the manager falls back to an
-older one, and a resume moves the damaged step to `<url>/damaged/step-N-<id>/` (copy, then delete).
+Loading reads the manifest (capped, checked as on disk, its step against its folder), then downloads every
+file it lists (a reader of the weights only, e.g. `rtrain eval`: the shared ones) into local staging, checks
+each against the manifest's size and sha256, and loads from there. A file that fails (a flipped byte in the
+bucket) makes the checkpoint damaged: the manager falls back to an older one, and a resume moves the damaged
+step to `<url>/damaged/step-N-<id>/` (copy, then delete). Steps of the first remote layout (files under
+step-N/ itself, a manifest without "folder") are read as well.
 
 With checkpoint.async_save the upload runs in the background thread: training blocks only for the snapshot.
 Credentials come from the standard environment (AWS_*), never from the recipe.
@@ -46,7 +55,8 @@ from rtrain.checkpoint.files import (
     CheckpointError,
     FileDigest,
 )
-from rtrain.checkpoint.manager import CheckpointManager, Loaded, loaded_from
+from rtrain.checkpoint.manager import CheckpointManager, Loaded, loaded_from, storage_failure
+from rtrain.checkpoint.objects import StoreFailure, check_listed, files_folder, parse_manifest, parse_marker, renamed
 
 logger = logging.getLogger("rtrain.checkpoint")
 
@@ -63,8 +73,11 @@ class RemoteCheckpointManager(CheckpointManager):
         self.unpublished: CheckpointError | None = None  # the newest save, when it could not be published
         self.staging = Path(staging)
         self.save_tag = save_tag or uuid.uuid4().hex[:12]
+        if not files.SAVE_ID_PATTERN.fullmatch(f"{self.save_tag}-0-0"):
+            raise ValueError(f"save_tag {save_tag!r}: use letters, digits, '_', '-', '.'")
         self.storage_options = storage_options
         self._saves = 0
+        self._manifests: dict[str, dict] = {}  # the newest loaded step's manifest: its other ranks' files
         self.last_upload: dict[str, float] = {}  # seconds, bytes and files of the newest upload
         super().__init__(self.url, keep, rank, world_size, async_save, finalize_timeout_s)
         self.root = self.url  # what messages name
@@ -85,13 +98,18 @@ class RemoteCheckpointManager(CheckpointManager):
         self.fs.pipe_file(self._key(rel), data)
 
     def _get(self, rel: str) -> bytes | None:
+        """A small object (a manifest, a DONE, meta.json), read no further than files.MAX_JSON_BYTES."""
+        limit = files.MAX_JSON_BYTES
         # fsspec's listings cache (filled by a listing in another thread: list()) would answer "not found" for
         # an object written since, without asking the store.
         self.fs.invalidate_cache(self._key(rel).rsplit("/", 1)[0])
         try:
-            return self.fs.cat_file(self._key(rel))
+            data = self.fs.cat_file(self._key(rel), start=0, end=limit + 1)
         except FileNotFoundError:
             return None
+        if len(data) > limit:
+            raise CheckpointError(f"{self.url / rel}: over {limit >> 20} MiB, not a file rtrain wrote")
+        return data
 
     def _listing(self, prefix: str = "") -> dict[str, int]:
         """Every object under the root (or a prefix of it): relative name -> size, fresh from the store."""
@@ -102,7 +120,7 @@ class RemoteCheckpointManager(CheckpointManager):
         except FileNotFoundError:
             return {}
         return {name[len(self.base) + 1:]: int(info.get("size") or 0) for name, info in found.items()
-                if info.get("type", "file") == "file"}
+                if info.get("type", "file") == "file" and name.startswith(self.base + "/")}
 
     # -------------------------------------------------------------------------------------------- saving
 
@@ -120,19 +138,35 @@ class RemoteCheckpointManager(CheckpointManager):
             raise self.unpublished
 
     def _write(self, job: SaveJob) -> None:
-        """Upload, retried with backoff for retry_s while the store fails; given up after that (unpublished:
-        no manifest, so nothing half-visible), with one warning, not an exception: training goes on."""
+        """Stage, then upload, retried with backoff for retry_s while the store fails; given up after that
+        (unpublished: no manifest, so nothing half-visible), with one warning, not an exception: training goes
+        on. A staging folder that cannot take the files fails the save at once (a local disk, not the store)."""
         step_name = files.step_dir_name(job.step)
-        deadline, delay, tries = time.monotonic() + self.retry_s, 1.0, 0
+        stage = self.staging / f"{step_name}-{job.save_id}-rank{self.rank}"
+        try:
+            try:
+                written = self._stage(job, stage)
+            except (OSError, RuntimeError) as error:
+                cause = storage_failure(self.staging, error) or f"{type(error).__name__}: {error}"
+                raise CheckpointError(f"{self.url / step_name}: cannot stage the checkpoint in {self.staging} "
+                                      f"(a local folder, before the upload): {cause}") from None
+            self._upload_with_retries(job, stage, written)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _upload_with_retries(self, job: SaveJob, stage: Path, written: dict[str, FileDigest]) -> None:
+        step_name = files.step_dir_name(job.step)
+        started = time.monotonic()
+        deadline, delay, tries = started + self.retry_s, 1.0, 0
         while True:
             tries += 1
             try:
-                self._write_once(job)
+                self._upload(job, stage, written)
                 self.unpublished = None
                 if tries > 1:
                     logger.warning("published %s after %d tries", self.url / step_name, tries)
                 return
-            except _StoreFailure as failure:
+            except StoreFailure as failure:
                 if time.monotonic() + delay > deadline:
                     error = failure.error
                     break
@@ -144,8 +178,9 @@ class RemoteCheckpointManager(CheckpointManager):
                 break
         saved = self.list_quietly()
         newest = f"the newest published checkpoint is {saved[0]}" if saved else "no checkpoint is published yet"
-        self.unpublished = CheckpointError(f"{self.url / step_name}: not published: {error} (tried {tries} "
-                                           f"time(s) in {self.retry_s:g} s, checkpoint.upload_retry_s); {newest}")
+        self.unpublished = CheckpointError(
+            f"{self.url / step_name}: not published: {error} (tried {tries} time(s) over "
+            f"{time.monotonic() - started:.0f} s; checkpoint.upload_retry_s={self.retry_s:g}); {newest}")
         logger.warning("%s; training goes on", self.unpublished)
 
     def list_quietly(self) -> list[ObjectPath]:
@@ -154,59 +189,57 @@ class RemoteCheckpointManager(CheckpointManager):
         except Exception:  # noqa: BLE001 - the store is away: nothing to name
             return []
 
-    def _write_once(self, job: SaveJob) -> None:
-        step_name = files.step_dir_name(job.step)
-        stage = self.staging / f"{step_name}-{job.save_id}-rank{self.rank}"
-        started = time.perf_counter()
-        try:
-            if self.rank == 0 and self._get(f"{step_name}/{MANIFEST_NAME}") is not None:
-                # Another timeline's save of this step: unpublished first, so that no reader ever sees its
-                # manifest over the files this save is about to write.
-                logger.warning("replacing earlier %s", self.url / step_name)
-                self.fs.rm_file(self._key(step_name, MANIFEST_NAME))
-            written = self._upload_part(job, stage, step_name)
-            if self.rank == 0:
-                written.update(self._await_markers(step_name, job.save_id))
-                meta = (json.dumps(job.meta, indent=2, sort_keys=True) + "\n").encode()
-                self._put(f"{step_name}/{META_NAME}", meta)
-                written[META_NAME] = FileDigest.of_bytes(meta)
-                manifest = files.build_manifest(job.step, self.world_size, job.save_id, written)
-                self._put(f"{step_name}/{MANIFEST_NAME}", (json.dumps(manifest, indent=2) + "\n").encode())
-        except CheckpointError:
-            raise
-        except Exception as error:  # noqa: BLE001 - object stores raise many types; one line names the step
-            raise _StoreFailure(CheckpointError(f"cannot upload the checkpoint ({type(error).__name__}: "
-                                                f"{' '.join(str(error).split())[:300]})")) from error
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        seconds = time.perf_counter() - started
-        uploaded = self.last_upload.get("bytes", 0)
-        self.last_upload["seconds"] = seconds
-        if self.rank == 0:
-            logger.info("saved checkpoint %s (%d bytes from this rank, uploaded in %.2f s)", self.url / step_name,
-                        uploaded, seconds)
-            try:
-                self._prune(job.step)
-            except Exception as error:  # noqa: BLE001 - the checkpoint is published; pruning waits for the next
-                logger.warning("%s: pruning older checkpoints failed (%s: %s); the next save tries again",
-                               self.url, type(error).__name__, " ".join(str(error).split())[:200])
-
-    def _upload_part(self, job: SaveJob, stage: Path, step_name: str) -> dict[str, FileDigest]:
-        """This rank's files (and rank 0's shared ones), then its DONE: the files the manifest will list."""
-        rank_dir = files.rank_dir_name(self.rank)
+    def _stage(self, job: SaveJob, stage: Path) -> dict[str, FileDigest]:
+        """This rank's files (and rank 0's shared ones) written to the staging folder: name -> digest."""
+        shutil.rmtree(stage, ignore_errors=True)
         written: dict[str, FileDigest] = {}
-        groups = [(rank_dir, job.per_rank)] + ([(SHARED_DIR, job.shared)] if self.rank == 0 else [])
+        groups = [(files.rank_dir_name(self.rank), job.per_rank)] + (
+            [(SHARED_DIR, job.shared)] if self.rank == 0 else [])
         for folder, states in groups:
             (stage / folder).mkdir(parents=True, exist_ok=True)
             for file_name, digest in files.write_state_files(stage / folder, states).items():
                 written[f"{folder}/{file_name}"] = digest
-        for name in written:
-            self.fs.put_file(str(stage / name), self._key(step_name, name))
-        listed = {name: digest.as_json() for name, digest in written.items() if name.startswith(rank_dir + "/")}
-        marker = json.dumps({"save_id": job.save_id, "rank": self.rank, "files": listed}).encode()
-        self._put(f"{step_name}/{rank_dir}/{DONE_NAME}", marker)
-        self.last_upload = {"bytes": float(sum(d.size for d in written.values())), "files": float(len(written))}
-        return {name: digest for name, digest in written.items() if name.startswith(SHARED_DIR + "/")}
+        return written
+
+    def _upload(self, job: SaveJob, stage: Path, written: dict[str, FileDigest]) -> None:
+        step_name = files.step_dir_name(job.step)
+        folder = f"{step_name}/{job.save_id}"
+        rank_dir = files.rank_dir_name(self.rank)
+        started = time.perf_counter()
+        try:
+            for name in written:
+                self.fs.put_file(str(stage / name), self._key(folder, name))
+            listed = {name: d.as_json() for name, d in written.items() if name.startswith(rank_dir + "/")}
+            marker = json.dumps({"save_id": job.save_id, "rank": self.rank, "files": listed}).encode()
+            self._put(f"{folder}/{rank_dir}/{DONE_NAME}", marker)
+            self.last_upload = {"bytes": float(sum(d.size for d in written.values())), "files": float(len(written))}
+            if self.rank == 0:
+                published = {name: d for name, d in written.items() if name.startswith(SHARED_DIR + "/")}
+                published.update(self._await_markers(step_name, job.save_id))
+                meta = (json.dumps(job.meta, indent=2, sort_keys=True) + "\n").encode()
+                self._put(f"{folder}/{META_NAME}", meta)
+                published[META_NAME] = FileDigest.of_bytes(meta)
+                manifest = {**files.build_manifest(job.step, self.world_size, job.save_id, published),
+                            "folder": job.save_id}
+                problem = files.manifest_problem(manifest)
+                if problem:  # never published: pruning would count it and delete good older steps
+                    raise CheckpointError(f"the manifest it would publish is bad: {problem}")
+                self._put(f"{step_name}/{MANIFEST_NAME}", (json.dumps(manifest, indent=2) + "\n").encode())
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - object stores raise many types; one line names the step
+            raise StoreFailure(CheckpointError(f"cannot upload the checkpoint ({type(error).__name__}: "
+                                                f"{' '.join(str(error).split())[:300]})")) from error
+        seconds = time.perf_counter() - started
+        self.last_upload["seconds"] = seconds
+        if self.rank == 0:
+            logger.info("saved checkpoint %s (%d bytes from this rank, uploaded in %.2f s)", self.url / step_name,
+                        self.last_upload["bytes"], seconds)
+            try:
+                self._prune(job.step, job.save_id)
+            except Exception as error:  # noqa: BLE001 - the checkpoint is published; pruning waits for the next
+                logger.warning("%s: pruning older checkpoints failed (%s: %s); the next save tries again",
+                               self.url, type(error).__name__, " ".join(str(error).split())[:200])
 
     def _await_markers(self, step_name: str, save_id: str) -> dict[str, FileDigest]:
         pending, listed_files = set(range(self.world_size)), {}
@@ -214,8 +247,9 @@ class RemoteCheckpointManager(CheckpointManager):
         while True:
             for rank in sorted(pending):
                 marker_name = f"{files.rank_dir_name(rank)}/{DONE_NAME}"
-                data = self._get(f"{step_name}/{marker_name}")
-                marker = _parse_marker(data, save_id) if data is not None else None
+                data = self._get(f"{step_name}/{save_id}/{marker_name}")
+                where = self.url / step_name / save_id / marker_name
+                marker = parse_marker(data, save_id, rank, self.world_size, where) if data is not None else None
                 if marker is not None:
                     listed_files.update(marker)
                     listed_files[marker_name] = FileDigest.of_bytes(data)
@@ -227,20 +261,34 @@ class RemoteCheckpointManager(CheckpointManager):
                                       f"within {self.finalize_timeout_s:g} s; did every rank call save()?")
             poller.sleep()
 
-    def _prune(self, saved_step: int) -> None:
+    def _prune(self, saved_step: int, save_id: str) -> None:
+        """Older published steps past `keep` (one that fails the cheap checks is set aside, not counted), and
+        what no manifest names at or below the saved step: earlier saves of a step, saves cut short."""
         saved_name = files.step_dir_name(saved_step)
-        if self.keep is None:
-            return
-        older = [path for path in self.list() if path.name < saved_name]
-        for old in older[self.keep - 1:]:
-            logger.info("pruning %s (keep=%d)", old, self.keep)
-            self._remove(old.name)
-        published = {path.name for path in self.list()}
-        for step_name in {name.split("/", 1)[0] for name in self._listing()}:  # unpublished leftovers
-            if files.STEP_DIR_PATTERN.fullmatch(step_name) and step_name < saved_name and \
-                    step_name not in published:
-                logger.info("removing abandoned %s", self.url / step_name)
-                self._remove(step_name)
+        listing = self._listing()
+        steps = {name.split("/", 1)[0] for name in listing if files.STEP_DIR_PATTERN.fullmatch(name.split("/")[0])}
+        live, kept, gone = {saved_name: save_id}, [], set()
+        for step_name in sorted((s for s in steps if s < saved_name), reverse=True):
+            if f"{step_name}/{MANIFEST_NAME}" not in listing:
+                continue
+            try:
+                manifest = self._manifest(self.url / step_name)
+                check_listed(self.url / step_name, manifest, listing)
+            except CheckpointError as error:
+                self._set_aside(self.url / step_name, str(error))
+                gone.add(step_name)
+                continue
+            live[step_name] = manifest.get("folder", "*")
+            kept.append(step_name)
+        for step_name in kept[self.keep - 1:] if self.keep is not None else ():
+            logger.info("pruning %s (keep=%d)", self.url / step_name, self.keep)
+            self._remove(step_name)
+            gone.add(step_name)
+        for step_name in sorted(s for s in steps if s <= saved_name and s not in gone and live.get(s) != "*"):
+            for folder in sorted({name.split("/")[1] for name in listing if name.startswith(step_name + "/")
+                                  and name.count("/") >= 2} - {live.get(step_name)}):
+                logger.info("removing %s (no manifest names it)", self.url / step_name / folder)
+                self.fs.rm(self._key(step_name, folder), recursive=True)
 
     def _remove(self, step_name: str) -> None:
         """The manifest first: a half-deleted step is never one that passes for published."""
@@ -264,86 +312,84 @@ class RemoteCheckpointManager(CheckpointManager):
                 steps.add(step_name)
         return [self.url / name for name in sorted(steps, reverse=True)]
 
-    def load(self, path: str | os.PathLike, shared_only: bool = False) -> Loaded:
+    def _manifest(self, path: str | os.PathLike) -> dict[str, Any]:
+        """The checked manifest of a step of this root (another location is refused, not read as ours)."""
         path = ObjectPath(str(path))
-        local = self.staging / f"load-{uuid.uuid4().hex[:8]}" / path.name
-        try:
-            return self._load_via(path, local, shared_only)
-        finally:
-            shutil.rmtree(local.parent, ignore_errors=True)
-
-    def _load_via(self, path: ObjectPath, local: Path, shared_only: bool) -> Loaded:
-        step_name = path.name
-        data = self._get(f"{step_name}/{MANIFEST_NAME}")
+        if path.parent != self.url or not files.STEP_DIR_PATTERN.fullmatch(path.name):
+            raise CheckpointError(f"{path}: not a checkpoint step of {self.url}")
+        data = self._get(f"{path.name}/{MANIFEST_NAME}")
         if data is None:
             raise CheckpointError(f"{path}: missing {MANIFEST_NAME}")
-        local.mkdir(parents=True)
-        if len(data) > files.MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: unreadable {MANIFEST_NAME}: over {files.MAX_JSON_BYTES >> 20} MiB")
-        (local / MANIFEST_NAME).write_bytes(data)
-        manifest = _renamed(path, local, lambda: files.read_manifest(local))
-        _renamed(path, local, lambda: files.check_step_name(local, manifest))
-        sizes = self._listing(step_name)
-        for name, entry in manifest["files"].items():
-            size = sizes.get(f"{step_name}/{name}")
-            if size is None:
-                raise CheckpointError(f"{path}: missing file {name}")
-            if size != entry["size"]:
-                raise CheckpointError(f"{path}: file {name} has {size} bytes, manifest says {entry['size']} "
-                                      "(truncated?)")
-        # Every rank reads every file, as on disk: ranks that verified different files could resume different
-        # steps. Past the shared states the other ranks' files are small (RNG streams, loader positions), or,
-        # for ZeRO shards, together the size of the optimizer state that one rank holds otherwise.
+        manifest = parse_manifest(path, data)
+        return manifest
+
+    def load(self, path: str | os.PathLike, shared_only: bool = False) -> Loaded:
+        manifest = self._manifest(path)
+        path = ObjectPath(str(path))
         wanted = manifest["files"] if not shared_only else {
             name: entry for name, entry in manifest["files"].items()
             if name == META_NAME or name.rpartition("/")[0] == SHARED_DIR}
-        self._download(step_name, local, wanted)
-        checked = {**manifest, "files": wanted}
-        _renamed(path, local, lambda: files.verify_files(local, checked))
-        loaded = _renamed(path, local, lambda: loaded_from(local, checked, self.rank, shared_only))
+        # Every rank reads every file, as on disk: ranks that verified different files could resume different
+        # steps. Past the shared states the other ranks' files are small (RNG streams, loader positions), or,
+        # for ZeRO shards, together the size of the optimizer state that one rank holds otherwise.
+        local = self.staging / f"load-{uuid.uuid4().hex[:8]}" / path.name
+        try:
+            self._fetch(path, manifest, wanted, local)
+            loaded = renamed(path, local, lambda: loaded_from(local, {**manifest, "files": wanted}, self.rank,
+                                                               shared_only))
+        finally:
+            shutil.rmtree(local.parent, ignore_errors=True)
         loaded.path = path
+        self._manifests = {str(path): manifest}
         return loaded
 
-    def meta_of(self, path: str) -> dict[str, Any]:
-        """meta.json of a published checkpoint (unverified: for a look at its recipe before any state loads)."""
-        step_name = ObjectPath(str(path)).name
-        data = self._get(f"{step_name}/{META_NAME}")
-        if data is None or len(data) > files.MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: no readable {META_NAME}")
-        meta = json.loads(data.decode())
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{path}: {META_NAME} is not a JSON object")
-        return meta
-
-    def _download(self, step_name: str, local: Path, wanted: dict[str, Any]) -> None:
+    def _fetch(self, path: ObjectPath, manifest: dict, wanted: dict[str, Any], local: Path) -> None:
+        """Download `wanted` files of a step to `local` and verify them; every listed file must be in the
+        store with its size first (cheap, and a step missing a rank's files is damaged for every rank)."""
+        folder = files_folder(path, manifest)
+        check_listed(path, manifest, self._listing(folder))
+        local.mkdir(parents=True)
         for name in wanted:
             target = local / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(self._key(step_name, name), str(target))
+            self.fs.get_file(self._key(folder, name), str(target))
+        renamed(path, local, lambda: files.verify_files(local, {**manifest, "files": wanted}))
+
+    def meta_of(self, path: str) -> dict[str, Any]:
+        """meta.json of a published checkpoint, checked against its manifest (for a look at its recipe before
+        any state loads)."""
+        manifest = self._manifest(path)
+        entry = manifest["files"].get(META_NAME)
+        if entry is None:
+            return {}
+        data = self._get(f"{files_folder(ObjectPath(str(path)), manifest)}/{META_NAME}")
+        if data is None or FileDigest.of_bytes(data) != FileDigest(entry["sha256"], entry["size"]):
+            raise CheckpointError(f"{path}: {META_NAME} is missing or fails its sha256 check")
+        try:
+            meta = json.loads(data.decode())
+        except (ValueError, RecursionError) as error:
+            raise CheckpointError(f"{path}: unreadable {META_NAME}: {str(error)[:200]}") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: {META_NAME} is not a JSON object")
+        return meta
 
     def per_rank_states_of(self, loaded: Loaded, rank: int) -> dict[str, Any]:
         if not 0 <= rank < loaded.world_size:
             raise CheckpointError(f"{loaded.path}: written by {loaded.world_size} ranks, has no rank {rank}")
         path = ObjectPath(str(loaded.path))
+        manifest = self._manifests.get(str(path)) or self._manifest(path)  # the save that was loaded
+        folder = files.rank_dir_name(rank)
+        names = {n: e for n, e in manifest["files"].items() if n.rpartition("/")[0] == folder}
         local = self.staging / f"load-{uuid.uuid4().hex[:8]}" / path.name
         try:
-            data = self._get(f"{path.name}/{MANIFEST_NAME}")
-            if data is None:
-                raise CheckpointError(f"{path}: missing {MANIFEST_NAME}")
-            local.mkdir(parents=True)
-            (local / MANIFEST_NAME).write_bytes(data)
-            manifest = _renamed(path, local, lambda: files.read_manifest(local))
-            folder = files.rank_dir_name(rank)
-            names = {n: e for n, e in manifest["files"].items() if n.rpartition("/")[0] == folder}
-            self._download(path.name, local, names)
-            _renamed(path, local, lambda: files.verify_files(local, {**manifest, "files": names}))
+            self._fetch(path, manifest, names, local)
             return {n.rpartition("/")[2][: -len(files.STATE_SUFFIX)]: files.load_torch_file(local, n)
                     for n in names if n.endswith(files.STATE_SUFFIX)}
         finally:
             shutil.rmtree(local.parent, ignore_errors=True)
 
     def _set_aside(self, path: Path, reason: str) -> None:
-        """A damaged step to `<url>/damaged/step-N/` (copied, then deleted: no rename here), with its reason."""
+        """A damaged step to `<url>/damaged/step-N-<id>/` (copied, then deleted: no rename here), with its reason."""
         step_name = ObjectPath(str(path)).name
         target = f"{damage.DAMAGED_DIR}/{step_name}-{uuid.uuid4().hex[:8]}"
         for name in self._listing(step_name):
@@ -351,29 +397,3 @@ class RemoteCheckpointManager(CheckpointManager):
         self._put(f"{target}.reason", (reason + "\n").encode())
         self._remove(step_name)
         logger.warning("moved damaged checkpoint %s to %s (%s)", path, self.url / target, reason)
-
-
-class _StoreFailure(Exception):
-    """The object store failed during a save (retried); `error` says how, in one line."""
-
-    def __init__(self, error: CheckpointError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _parse_marker(data: bytes, save_id: str) -> dict[str, FileDigest] | None:
-    try:
-        done = json.loads(data.decode())
-        if not isinstance(done, dict) or done.get("save_id") != save_id:
-            return None
-        return {name: FileDigest(entry["sha256"], entry["size"]) for name, entry in done["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _renamed(remote: ObjectPath, local: Path, call: Any) -> Any:
-    """Run `call`; a CheckpointError it raises names the object-store location, not the local staging copy."""
-    try:
-        return call()
-    except CheckpointError as error:
-        raise CheckpointError(str(error).replace(str(local), str(remote))) from None

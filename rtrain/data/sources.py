@@ -99,9 +99,11 @@ class ShardSource:
         where = self.shard_location(entry.name)
         with ExitStack() as stack:
             try:
+                local = None  # None from the cache too: its folder cannot serve the shard (it warned), read it here
                 if self.remote and self.cache is not None and self.cache.usable_for(entry):  # verified too
                     local = stack.enter_context(
                         self.cache.open(entry, where, lambda: open_stream(where, self.storage_options)))
+                if local is not None:
                     tar = stack.enter_context(tarfile.open(fileobj=local, mode="r:"))
                 elif self.remote and verify_sha256:
                     local = stack.enter_context(self._download_verified(entry, where))
@@ -128,7 +130,7 @@ class ShardSource:
         if size > entry.bytes or (size < entry.bytes and verify_sha256):
             kind = "truncated; data.verify_sha256 uses no unverified bytes" if size < entry.bytes else "rewritten?"
             raise ShardError(f"shard {where}: {size} bytes, manifest says {entry.bytes} ({kind})")
-        if verify_sha256 and sha256_file(where) != entry.sha256:
+        if verify_sha256 and sha256_file(where) != entry.sha256.lower():  # the manifest's hex may be upper case
             raise ShardError(f"shard {where}: sha256 does not match the manifest")
 
     @contextmanager
@@ -142,7 +144,7 @@ class ShardSource:
                         raise ShardError(f"shard {where}: longer than the {entry.bytes} bytes the manifest says")
                     digest.update(block)
                     local.write(block)
-            if digest.hexdigest() != entry.sha256:
+            if digest.hexdigest() != entry.sha256.lower():
                 raise ShardError(f"shard {where}: sha256 does not match the manifest")
             local.seek(0)
             yield local

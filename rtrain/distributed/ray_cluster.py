@@ -6,6 +6,7 @@ Ray is imported only when called: importing this module stays cheap.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -57,6 +58,9 @@ def ray_session(address: str | None, num_cpus: int, runtime_env: dict[str, Any] 
             ray.shutdown()
 
 
+_NO_ROUTE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+
+
 class HeadWatch:
     """Ray's head answering, watched from a daemon thread: when the cluster's GCS (its gcs_server, on the head
     node) accepts no connection for `timeout_s` (dist.ray_head_timeout_s), `on_lost(reason)` is called once.
@@ -97,20 +101,33 @@ class HeadWatch:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def answers(self) -> bool:
+    def answers(self) -> bool | None:
+        """True: the GCS port accepted a connection; False: refused, timed out or unreachable; None: this
+        process could not tell (out of descriptors or ports, a bad address): not evidence either way."""
         host, _, port = str(self.address).rpartition(":")
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=max(min(self.poll_s, 5.0), 0.1)):
                 return True
-        except (OSError, ValueError):
+        except (ConnectionError, TimeoutError, socket.gaierror):  # refused, reset, timed out, name gone
             return False
+        except OSError as error:
+            return False if error.errno in _NO_ROUTE else None
+        except ValueError:
+            return None
 
     def _watch(self) -> None:
-        last_answer = time.monotonic()
+        """Lost after `timeout_s` of definite no-answers, counted only once the GCS answered at least once (an
+        address this process cannot reach at all, e.g. behind ray://, is not watched)."""
+        missing_since: float | None = None
+        armed = False
         while not self._stop.wait(self.poll_s):
-            if self.answers():
-                last_answer = time.monotonic()
-            elif time.monotonic() - last_answer >= self.timeout_s:
+            answer = self.answers()
+            if answer:
+                armed, missing_since = True, None
+            elif answer is False and armed:
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since < self.timeout_s or self._stop.is_set():
+                    continue
                 self.lost = (f"lost the Ray head: its GCS at {self.address} did not answer for {self.timeout_s:g} s "
                              "(dist.ray_head_timeout_s; the head node or its gcs_server is gone)")
                 if not self._stop.is_set() and self.on_lost is not None:

@@ -138,6 +138,13 @@ def _rank0_word(recipe: Recipe, wait_s: float) -> str:
     return f"rank 0 did not say within {max(wait_s, 5.0):g} s whether it marked the MLflow run FAILED"
 
 
+def _head_lost_error(recipe: Recipe, head: HeadWatch) -> LaunchError:
+    _flush_worker_logs()
+    lost = head.lost or "lost the Ray head (the workers saw its GCS gone first)"
+    return LaunchError(f"Ray Train run {recipe.run.name!r} stopped: {lost}; the workers stopped themselves; "
+                       f"{_rank0_word(recipe, head.timeout_s)}; once Ray runs again, {resume_hint(recipe)}")
+
+
 @contextmanager
 def _interrupted_when_lost(head: HeadWatch) -> Iterator[None]:
     """Watch the head during the block; once it is lost, the main thread gets a KeyboardInterrupt wherever it
@@ -145,11 +152,14 @@ def _interrupted_when_lost(head: HeadWatch) -> Iterator[None]:
     def raise_lost(signum: int, frame: object) -> None:
         if head.lost:
             raise KeyboardInterrupt(head.lost)
+        if callable(previous):  # not ours: whoever listened before still hears it
+            previous(signum, frame)
 
     if head.timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
         yield  # off, or a launch from another thread (a signal handler is the main thread's): Ray's own abort
         return
-    previous = signal.signal(HEAD_LOST_SIGNAL, raise_lost)
+    previous = signal.getsignal(HEAD_LOST_SIGNAL)
+    signal.signal(HEAD_LOST_SIGNAL, raise_lost)
     try:
         with head:
             yield
@@ -192,14 +202,13 @@ def _launch_ray(recipe: Recipe, worker_fn: WorkerFn, max_failures: int) -> dict:
         with signals.installed(), _grace_watchdog(signals), _interrupted_when_lost(head):
             result = trainer.fit()
     except TrainingFailedError as exc:
+        if head.lost or read_stall_note(recipe.run_dir, HEAD_LOST_NOTE):  # the ranks saw it first and exited
+            raise _head_lost_error(recipe, head) from None
         stalled = stalled_run_error(recipe.run_dir, resume_hint(recipe))
         raise stalled or LaunchError(_ray_failure_message(exc, recipe, max_failures)) from exc
     except KeyboardInterrupt:  # raised by a watchdog: the head is lost, or the grace period ran out
         if head.lost:
-            _flush_worker_logs()
-            raise LaunchError(f"Ray Train run {recipe.run.name!r} stopped: {head.lost}; the workers stopped "
-                              f"themselves; {_rank0_word(recipe, head.timeout_s)}; once Ray runs again, "
-                              f"{resume_hint(recipe)}") from None
+            raise _head_lost_error(recipe, head) from None
         raise LaunchError(f"after {signals.received} the workers did not checkpoint within "
                           f"checkpoint.preempt_grace_s={signals.grace_s:g} s; they were stopped") from None
     finally:

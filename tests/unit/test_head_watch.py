@@ -67,3 +67,48 @@ def test_a_launch_from_another_thread_installs_no_signal_handler():
     thread.start()
     thread.join(10)
     assert done == [True]
+
+
+def test_only_a_definite_no_answer_counts_and_only_after_a_first_answer(monkeypatch):
+    import errno
+
+    import rtrain.distributed.ray_cluster as ray_cluster
+
+    closed = _listener()
+    never = HeadWatch(0.3, on_lost=lambda why: None, address=f"127.0.0.1:{closed.getsockname()[1]}", poll_s=0.05)
+    closed.close()  # refused from the start (an address this process cannot reach, e.g. behind ray://)
+    with never:
+        time.sleep(1.0)
+        assert never.lost is None and never.answers() is False
+
+    server = _listener()
+    watch = HeadWatch(0.3, on_lost=lambda why: None, address=f"127.0.0.1:{server.getsockname()[1]}", poll_s=0.05)
+    with watch:
+        time.sleep(0.3)  # answered: armed
+
+        def out_of_descriptors(*args, **kwargs):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(ray_cluster.socket, "create_connection", out_of_descriptors)
+        time.sleep(1.0)  # this process cannot tell: not evidence that the head is gone
+        assert watch.answers() is None and watch.lost is None
+    server.close()
+
+
+def test_the_lost_head_signal_still_reaches_the_handler_installed_before():
+    import os
+    import signal
+
+    from rtrain.launch.ray import HEAD_LOST_SIGNAL, _interrupted_when_lost
+
+    heard = []
+    previous = signal.signal(HEAD_LOST_SIGNAL, lambda signum, frame: heard.append(signum))
+    server = _listener()
+    try:
+        with _interrupted_when_lost(HeadWatch(5.0, address=f"127.0.0.1:{server.getsockname()[1]}")):
+            os.kill(os.getpid(), HEAD_LOST_SIGNAL)  # not a lost head: somebody else's signal
+            time.sleep(0.1)
+        assert heard == [HEAD_LOST_SIGNAL]
+    finally:
+        signal.signal(HEAD_LOST_SIGNAL, previous)
+        server.close()
