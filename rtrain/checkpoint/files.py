@@ -76,12 +76,12 @@ def tmp_dir_name(step: int) -> str:
 
 def check_state_name(name: Any, where: str) -> str:
     """State names become file names, so they must be plain, portable and unable to escape the dir."""
-    if not isinstance(name, str) or not name or name.startswith(".") or not all(
-        ch.isalnum() or ch in "_-." for ch in name
+    if not isinstance(name, str) or not name or name.startswith(".") or len(name) > MAX_NAME_PART - 3 or not all(
+        ch.isascii() and (ch.isalnum() or ch in "_-.") for ch in name
     ):
         raise CheckpointError(
             f"{where}: state name {name!r} is not usable as a file name "
-            "(use letters, digits, '_', '-', '.'; not starting with '.')"
+            "(use ASCII letters, digits, '_', '-', '.'; not starting with '.')"
         )
     return name
 
@@ -189,14 +189,14 @@ def check_step_name(ckpt_dir: Path, manifest: dict) -> None:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_RANK_DIR = re.compile(r"rank-(\d{5})")
+_RANK_DIR = re.compile(r"rank-([0-9]{5})")
 SAVE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # one safe path part (a folder in a bucket)
 MAX_NAME_PART = 200  # a listed name's parts stay well under the 255 bytes of a file name
 
 
 def _name_part_ok(part: str) -> bool:
     return 0 < len(part) <= MAX_NAME_PART and not part.startswith(".") and all(
-        ch.isalnum() or ch in "_-." for ch in part)
+        ch.isascii() and (ch.isalnum() or ch in "_-.") for ch in part)
 
 
 def entry_name_problem(name: Any, world_size: int) -> str | None:
@@ -304,5 +304,7 @@ def read_meta(ckpt_dir: Path, manifest: dict) -> dict[str, Any]:
 def load_torch_file(ckpt_dir: Path, name: str) -> Any:
     try:
         return torch.load(ckpt_dir / name, map_location="cpu", weights_only=True)
+    except MemoryError:  # this machine's shortage, not damage: never a reason to set a checkpoint aside
+        raise
     except Exception as error:  # torch raises several unrelated types for bad archives
         raise CheckpointError(f"{ckpt_dir}: cannot load {name}: {error}") from error

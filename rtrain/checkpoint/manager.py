@@ -42,6 +42,7 @@ class Loaded:
     per_rank: dict[str, Any]  # this rank's states only
     meta: dict[str, Any]
     world_size: int = 1  # the world size the checkpoint was written with
+    save_id: str = ""  # which save of its step (the ranks of a resume check that they loaded the same one)
 
 
 def _check_arguments(keep: Any, rank: Any, world_size: Any, finalize_timeout_s: Any) -> None:
@@ -329,4 +330,5 @@ def loaded_from(path: Path, manifest: dict, rank: int, shared_only: bool) -> Loa
         if file_name.endswith(STATE_SUFFIX) and folder in wanted:
             states = shared if folder == SHARED_DIR else per_rank
             states[file_name[: -len(STATE_SUFFIX)]] = files.load_torch_file(path, name)
-    return Loaded(manifest["step"], path, shared, per_rank, files.read_meta(path, manifest), manifest["world_size"])
+    return Loaded(manifest["step"], path, shared, per_rank, files.read_meta(path, manifest), manifest["world_size"],
+                  str(manifest.get("save_id") or ""))

@@ -28,10 +28,10 @@ def parse_manifest(path: ObjectPath, data: bytes) -> dict[str, Any]:
         manifest = json.loads(data.decode())
     except (ValueError, RecursionError) as error:
         raise CheckpointError(f"{path}: unreadable {MANIFEST_NAME}: {str(error)[:200]}") from None
-    folder = manifest.get("folder", "") if isinstance(manifest, dict) else ""
-    problem = files.manifest_problem(manifest) or (
-        None if isinstance(folder, str) and (folder == "" or files.SAVE_ID_PATTERN.fullmatch(folder))
-        else "'folder' is not a save id")
+    problem = files.manifest_problem(manifest)
+    if not problem and "folder" in manifest and not (  # absent: the first layout; present: a save's id
+            isinstance(manifest["folder"], str) and files.SAVE_ID_PATTERN.fullmatch(manifest["folder"])):
+        problem = "'folder' is not a save id"
     if problem:
         raise CheckpointError(f"{path}: bad {MANIFEST_NAME}: {problem}")
     if files.step_dir_name(manifest["step"]) != path.name:
@@ -49,6 +49,25 @@ def check_listed(path: ObjectPath, manifest: dict, listing: dict[str, int]) -> N
         if size != entry["size"]:
             raise CheckpointError(f"{path}: file {name} has {size} bytes, manifest says {entry['size']} "
                                   "(truncated?)")
+
+
+def download_capped(fs: Any, key: str, target: Path, size: int, what: str) -> None:
+    """One object to a local file, never more than `size` bytes (+1, to see that it grew): an object replaced
+    or removed since it was listed is a step that changed, named (`what`: the step and file), not a raw
+    error. The store's other failures and this node's (a full staging disk) pass as they are: not damage."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        source = fs.open(key, "rb")
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} is gone from the store (the step changed while it was read)") from None
+    left = size + 1
+    with source, open(target, "wb") as out:
+        while left > 0 and (block := source.read(min(left, 8 << 20))):
+            out.write(block)
+            left -= len(block)
+    if left <= 0:
+        raise CheckpointError(f"{what} is larger than the {size} bytes its manifest says (replaced since it "
+                              "was listed?)")
 
 
 def files_folder(path: ObjectPath, manifest: dict) -> str:

@@ -1,36 +1,20 @@
 """Checkpoints in an object store (checkpoint.dir=s3://bucket/run/checkpoints, or another fsspec URL): the same
 verification, keep-k pruning and damage policy as on disk, without a filesystem that every node mounts.
 
-Layout (no rename in an object store, so the manifest is the commit):
+Layout (no rename in an object store, so the manifest is the commit; docs/architecture.md has the why):
     step-N/MANIFEST.json                  the commit: names the save (its id) whose files make the step
-    step-N/<save id>/shared/<name>.pt     rank 0's
-    step-N/<save id>/rank-r/<name>.pt     rank r's, then rank-r/DONE listing them with the save's id
-    step-N/<save id>/meta.json
-- every rank writes its files to local staging (hashed as they are written), uploads them under its save's
-  folder, then its DONE;
-- rank 0 waits for every rank's DONE of this save, checks what they list (names rtrain writes, sizes, sha256),
-  uploads meta.json, checks the manifest it built, then writes MANIFEST.json: one put that publishes the step,
-  or replaces an earlier save of that step (another timeline's) which stayed published until then. A save
-  cut short (a killed rank, a store that went away) leaves a folder that no manifest names: it does not exist
-  for list(), latest() or a resume, and pruning removes it;
-- the other ranks return once their DONE is uploaded (rank 0 alone knows whether the step was published: its
-  wait() raises when the run's last checkpoint was not).
-A store that fails during a save is retried with backoff for checkpoint.upload_retry_s; after that the step is
-given up, unpublished (one warning), and training goes on: a later save publishes a later step. A full or
-broken staging disk is not a store outage: it fails the save at once, naming the folder.
-The save id is the same on every rank without asking anyone: the attempt's token (the stall watchdog's,
-broadcast at start), the step and the count of saves of this manager. A DONE left by a killed attempt never
-counts for a later one.
-
-Loading reads the manifest (capped, checked as on disk, its step against its folder), then downloads every
-file it lists (a reader of the weights only, e.g. `rtrain eval`: the shared ones) into local staging, checks
-each against the manifest's size and sha256, and loads from there. A file that fails (a flipped byte in the
-bucket) makes the checkpoint damaged: the manager falls back to an older one, and a resume moves the damaged
-step to `<url>/damaged/step-N-<id>/` (copy, then delete). Steps of the first remote layout (files under
-step-N/ itself, a manifest without "folder") are read as well.
-
-With checkpoint.async_save the upload runs in the background thread: training blocks only for the snapshot.
-Credentials come from the standard environment (AWS_*), never from the recipe.
+    step-N/<save id>/shared/<name>.pt     rank 0's; rank-r/<name>.pt and rank-r/DONE: rank r's; meta.json
+Every rank stages its files locally (hashed as written), uploads them into its save's folder, then its DONE
+(the save id: the attempt's token, the step, the count of saves; the same on every rank without asking).
+Rank 0 waits for every DONE of this save, checks what they list and that it is all in the store, uploads
+meta.json, then puts MANIFEST.json: one put that publishes the step, or replaces an earlier save of it which
+stayed published until then. A save cut short leaves a folder no manifest names: invisible, pruned later.
+A store failing during a save is retried with backoff for checkpoint.upload_retry_s, then the step is given
+up, unpublished, with one warning (wait() raises: the run's last checkpoint must publish); a staging disk
+that fails is not a store outage: the save fails at once. Loading reads the manifest (capped, checked), then
+downloads the files (never past their listed size) and verifies them as on disk; a damaged step is copied
+to `<url>/damaged/step-N-<id>/` and deleted. Steps of the first remote layout (files under step-N/ itself,
+no "folder" in the manifest) are read too. Credentials come from the environment (AWS_*), never the recipe.
 """
 
 from __future__ import annotations
@@ -56,7 +40,8 @@ from rtrain.checkpoint.files import (
     FileDigest,
 )
 from rtrain.checkpoint.manager import CheckpointManager, Loaded, loaded_from, storage_failure
-from rtrain.checkpoint.objects import StoreFailure, check_listed, files_folder, parse_manifest, parse_marker, renamed
+from rtrain.checkpoint.objects import (StoreFailure, check_listed, download_capped, files_folder, parse_manifest,
+                                      parse_marker, renamed)
 
 logger = logging.getLogger("rtrain.checkpoint")
 
@@ -72,6 +57,7 @@ class RemoteCheckpointManager(CheckpointManager):
         self.retry_s = float(retry_s)
         self.unpublished: CheckpointError | None = None  # the newest save, when it could not be published
         self.staging = Path(staging)
+        self.tag_given = bool(save_tag)  # a job of several ranks saves only with their common tag
         self.save_tag = save_tag or uuid.uuid4().hex[:12]
         if not files.SAVE_ID_PATTERN.fullmatch(f"{self.save_tag}-0-0"):
             raise ValueError(f"save_tag {save_tag!r}: use letters, digits, '_', '-', '.'")
@@ -125,6 +111,8 @@ class RemoteCheckpointManager(CheckpointManager):
     # -------------------------------------------------------------------------------------------- saving
 
     def _prepare(self, step: int, shared: Any, per_rank: Any, meta: Any) -> SaveJob:
+        if not self.tag_given and self.world_size > 1:  # each rank would draw its own: DONEs waited for in vain
+            raise ValueError("RemoteCheckpointManager: the ranks of a job save with their common save_tag")
         job = super()._prepare(step, shared, per_rank, meta)
         self._saves += 1
         job.save_id = f"{self.save_tag}-{step}-{self._saves}"
@@ -221,9 +209,7 @@ class RemoteCheckpointManager(CheckpointManager):
                 published[META_NAME] = FileDigest.of_bytes(meta)
                 manifest = {**files.build_manifest(job.step, self.world_size, job.save_id, published),
                             "folder": job.save_id}
-                problem = files.manifest_problem(manifest)
-                if problem:  # never published: pruning would count it and delete good older steps
-                    raise CheckpointError(f"the manifest it would publish is bad: {problem}")
+                self._check_before_publishing(manifest, step_name, folder)
                 self._put(f"{step_name}/{MANIFEST_NAME}", (json.dumps(manifest, indent=2) + "\n").encode())
         except CheckpointError:
             raise
@@ -240,6 +226,20 @@ class RemoteCheckpointManager(CheckpointManager):
             except Exception as error:  # noqa: BLE001 - the checkpoint is published; pruning waits for the next
                 logger.warning("%s: pruning older checkpoints failed (%s: %s); the next save tries again",
                                self.url, type(error).__name__, " ".join(str(error).split())[:200])
+
+    def _check_before_publishing(self, manifest: dict, step_name: str, folder: str) -> None:
+        """A step that could not load is never published (pruning would count it and delete good older steps):
+        the manifest as a reader checks it, every file it lists in the store with its size, and every rank's
+        DONE still the one it was built from."""
+        problem = files.manifest_problem(manifest)
+        if problem:
+            raise CheckpointError(f"the manifest it would publish is bad: {problem}")
+        check_listed(self.url / step_name, manifest, self._listing(folder))
+        for name, entry in manifest["files"].items():
+            if name.endswith("/" + DONE_NAME):
+                data = self._get(f"{folder}/{name}")
+                if data is None or FileDigest.of_bytes(data) != FileDigest(entry["sha256"], entry["size"]):
+                    raise CheckpointError(f"{self.url / folder / name} changed while the step was being published")
 
     def _await_markers(self, step_name: str, save_id: str) -> dict[str, FileDigest]:
         pending, listed_files = set(range(self.world_size)), {}
@@ -271,14 +271,15 @@ class RemoteCheckpointManager(CheckpointManager):
         for step_name in sorted((s for s in steps if s < saved_name), reverse=True):
             if f"{step_name}/{MANIFEST_NAME}" not in listing:
                 continue
-            try:
+            try:  # the save's own listing, fresh: another writer may have published a newer save of the step
                 manifest = self._manifest(self.url / step_name)
-                check_listed(self.url / step_name, manifest, listing)
+                check_listed(self.url / step_name, manifest, self._listing(files_folder(self.url / step_name,
+                                                                                        manifest)))
             except CheckpointError as error:
                 self._set_aside(self.url / step_name, str(error))
                 gone.add(step_name)
                 continue
-            live[step_name] = manifest.get("folder", "*")
+            live[step_name] = manifest.get("folder") or "*"  # "*": the first layout, files under step-N/
             kept.append(step_name)
         for step_name in kept[self.keep - 1:] if self.keep is not None else ():
             logger.info("pruning %s (keep=%d)", self.url / step_name, self.keep)
@@ -288,7 +289,10 @@ class RemoteCheckpointManager(CheckpointManager):
             for folder in sorted({name.split("/")[1] for name in listing if name.startswith(step_name + "/")
                                   and name.count("/") >= 2} - {live.get(step_name)}):
                 logger.info("removing %s (no manifest names it)", self.url / step_name / folder)
-                self.fs.rm(self._key(step_name, folder), recursive=True)
+                try:
+                    self.fs.rm(self._key(step_name, folder), recursive=True)
+                except FileNotFoundError:  # gone meanwhile
+                    pass
 
     def _remove(self, step_name: str) -> None:
         """The manifest first: a half-deleted step is never one that passes for published."""
@@ -349,10 +353,8 @@ class RemoteCheckpointManager(CheckpointManager):
         folder = files_folder(path, manifest)
         check_listed(path, manifest, self._listing(folder))
         local.mkdir(parents=True)
-        for name in wanted:
-            target = local / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(self._key(folder, name), str(target))
+        for name, entry in wanted.items():
+            download_capped(self.fs, self._key(folder, name), local / name, entry["size"], f"{path}: file {name}")
         renamed(path, local, lambda: files.verify_files(local, {**manifest, "files": wanted}))
 
     def meta_of(self, path: str) -> dict[str, Any]:

@@ -71,6 +71,9 @@ class FitParts:
     # Told at every change of what this rank does ("waiting for data", "in the step", "saving", "evaluating")
     # with the step: the stall watchdog's heartbeat (rtrain.distributed.watchdog).
     progress: Callable[[str, int], None] | None = None
+    # This rank's structured log (rtrain.tracking.events): `events(name, **fields)` for every log window
+    # (with the seconds this rank waited for data), eval, checkpoint and stop.
+    events: Callable[..., None] | None = None
 
 
 def stateful_parts(parts: FitParts) -> list[stateful.Part]:
@@ -117,6 +120,8 @@ class _Fit:
         self.last_loss = math.nan
         self.images_per_s = 0.0
         self.window_hits: torch.Tensor | None = None  # train top-1/top-5 hits since the last logged step
+        self.window_data_s = 0.0  # what this rank waited for its loader since the last logged step
+        self.window_step_s = 0.0  # ... and spent in its steps (forward, backward, optimizer, EMA)
         # A restored run already has its checkpoint at this step.
         self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
         self.stopped = False
@@ -153,9 +158,11 @@ class _Fit:
         """Train through the loader's epoch; True when the epoch was completed."""
         p, state = self.p, self.p.state
         every = p.checkpoint.every_steps
-        tick = time.perf_counter()
+        tick = waiting = time.perf_counter()
         self._progress("waiting for data")
         for images, labels in p.train_loader:
+            began = time.perf_counter()
+            self.window_data_s += began - waiting
             self._progress("in the step")
             lr = p.schedule.apply(p.backend.optimizer, state.step)
             result = p.train_step(images, labels)
@@ -166,6 +173,7 @@ class _Fit:
                 self.window_hits = result.hits if self.window_hits is None else self.window_hits + result.hits
             if p.ema is not None and result.stepped:
                 p.ema.update(p.backend.module)
+            self.window_step_s += time.perf_counter() - began
             if state.step % p.train.log_every_steps == 0 or state.step == p.total_steps:
                 now = time.perf_counter()
                 self._log_step(result.loss, lr, now - tick)
@@ -179,6 +187,7 @@ class _Fit:
                 self.stopped = True
                 return state.step % p.steps_per_epoch == 0
             self._progress("waiting for data")
+            waiting = time.perf_counter()
         return True
 
     def _progress(self, phase: str) -> None:
@@ -187,6 +196,7 @@ class _Fit:
 
     def _stop(self) -> dict[str, Any]:
         """Every rank agreed to stop after this step: checkpoint it, synchronously, and report."""
+        self._event("stop", step=self.p.state.step)
         self._save()
         if self.p.checkpointer is not None:
             self.p.checkpointer.wait()
@@ -220,6 +230,9 @@ class _Fit:
                    "train/skipped_samples": float(stats.get("skipped_samples", 0)), **self._train_errors()}
         if p.tracker is not None:
             p.tracker.log_metrics(metrics, step=p.state.step)
+        self._event("window", step=p.state.step, steps=steps, seconds=seconds, data_wait_s=self.window_data_s,
+                    step_s=self.window_step_s, loss=self.last_loss, images_per_s=self.images_per_s)
+        self.window_data_s = self.window_step_s = 0.0
         if p.rank == 0:
             eta_s = (p.total_steps - p.state.step) * seconds / steps
             epochs = math.ceil(p.total_steps / p.steps_per_epoch)
@@ -247,7 +260,9 @@ class _Fit:
     def _evaluate(self) -> None:
         p = self.p
         self._progress("evaluating")
+        started = time.perf_counter()
         result = p.evaluate(self._eval_model())
+        self._event("eval", step=p.state.step, seconds=time.perf_counter() - started, top1=result["top1"])
         p.state.last_top1 = result["top1"]
         p.state.best_top1 = max(p.state.best_top1, result["top1"])
         self.last_eval = {**result, "step": p.state.step}
@@ -267,12 +282,19 @@ class _Fit:
         meta["final"] = final
         p.checkpointer.save(p.state.step, shared, per_rank, meta)
         self._progress("saved a checkpoint")
-        if p.tracker is not None:  # what the save cost the step loop; an object store's last upload
-            metrics = {"checkpoint/blocked_s": float(getattr(p.checkpointer, "last_save_blocking_s", 0.0))}
-            upload = getattr(p.checkpointer, "last_upload", None) or {}
-            metrics.update({f"checkpoint/upload_{key}": float(value) for key, value in upload.items()
-                            if key in ("seconds", "bytes")})
+        # what the save cost the step loop; an object store's last upload
+        metrics = {"checkpoint/blocked_s": float(getattr(p.checkpointer, "last_save_blocking_s", 0.0))}
+        upload = getattr(p.checkpointer, "last_upload", None) or {}
+        metrics.update({f"checkpoint/upload_{key}": float(value) for key, value in upload.items()
+                        if key in ("seconds", "bytes")})
+        if p.tracker is not None:
             p.tracker.log_metrics(metrics, step=p.state.step)
+        self._event("checkpoint", step=p.state.step, final=final,
+                    **{key.split("/", 1)[1]: value for key, value in metrics.items()})
+
+    def _event(self, name: str, **fields: Any) -> None:
+        if self.p.events is not None:
+            self.p.events(name, **fields)
 
     def _summary(self) -> dict[str, Any]:
         s = self.p.state

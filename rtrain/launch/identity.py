@@ -17,6 +17,7 @@ import yaml
 from rtrain.config import Recipe, RecipeError, recipe_from_dict
 from rtrain.config.redact import drop_redacted, redact_url
 from rtrain.config.sections import IDENTITY_KEYS
+from rtrain._remote import ObjectPath, is_url
 
 
 def _value(raw: dict, key: str) -> Any:
@@ -68,8 +69,8 @@ def _checkpoint_to_resume(recipe: Recipe) -> Path | None:
     choice = recipe.checkpoint.resume
     if choice == "never":
         return None
-    if choice != "auto":
-        return Path(choice)
+    if choice != "auto":  # a bucket URL stays one (Path() would fold `s3://` into a local `s3:/`)
+        return ObjectPath(choice) if is_url(choice) else Path(choice)
     root = recipe.checkpoint_dir
     if "://" in str(root):
         try:

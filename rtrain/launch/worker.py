@@ -18,7 +18,7 @@ import torch
 
 from rtrain._errors import DEBUG_ENV
 from rtrain._process import HEAD_LOST_NOTE, write_stall_note
-from rtrain.checkpoint import CheckpointManager, Loaded, open_checkpoints
+from rtrain.checkpoint import CheckpointError, CheckpointManager, Loaded, open_checkpoints
 from rtrain.config import Recipe, loads_recipe
 from rtrain.data import build_loader, steps_per_epoch
 from rtrain.data.ledger import ledger_path
@@ -40,8 +40,10 @@ from rtrain.models import model_from_config
 from rtrain.optim import LRSchedule, optimizer_from_config
 from rtrain.tracking import build_tracker
 from rtrain.tracking.null import run_id_from_state
+from rtrain.tracking.events import EventLog, read_events
+from rtrain.tracking.goodput import GoodputMeter, attempt_tags
 from rtrain.tracking.artifacts import layer_response_hook, log_final_weights, track_checkpoints
-from rtrain.tracking.run_info import describe_run
+from rtrain.tracking.run_info import TAG_HOSTS, describe_run
 
 log = logging.getLogger("rtrain.launch.worker")
 
@@ -50,12 +52,25 @@ def _train(recipe: Recipe) -> dict[str, Any]:
     env = detect_env()
     device = init_distributed(env, recipe.dist.use_gpu, timeout_s=recipe.dist.collective_timeout_s)
     with StallWatchdog(recipe.run_dir, env.rank, env.world_size, recipe.dist.stall_timeout_s) as watchdog, \
-            HeadWatch(recipe.dist.ray_head_timeout_s, _end_rank(env.rank, recipe.run_dir)) as head:
-        return _set_up_and_fit(recipe, env, device, watchdog, head)
+            EventLog(recipe.run_dir, env.rank, watchdog.attempt) as events, events.mirroring(), \
+            HeadWatch(recipe.dist.ray_head_timeout_s, _end_rank(env.rank, recipe.run_dir, events=events)) as head:
+        meter = GoodputMeter(read_events(events.path)) if env.rank == 0 else None  # read before this attempt writes
+        if meter is not None:
+            events.observers.append(meter.observe)
+        events.emit("attempt", world_size=env.world_size, pid=os.getpid())
+        try:
+            summary = _set_up_and_fit(recipe, env, device, watchdog, head, events, meter)
+        except BaseException as exc:
+            events.emit("end", reason="killed" if isinstance(exc, KeyboardInterrupt) else "failed",
+                        error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            raise
+        events.emit("end", reason="preempted" if summary.get("preempted") else "finished", step=summary.get("step"),
+                    signal=summary.get("signal"))
+        return summary
 
 
 def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: StallWatchdog,
-                    head: HeadWatch) -> dict[str, Any]:
+                    head: HeadWatch, events: EventLog, meter: GoodputMeter | None) -> dict[str, Any]:
     rank, world, data, train = env.rank, env.world_size, recipe.data, recipe.train
     guard = CrashGuard(recipe.run_dir, watchdog.folder, watchdog.attempt, rank) if watchdog.folder else None
     train_loader = build_loader(data, data.train_split, rank=rank, world_size=world,
@@ -85,7 +100,8 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
                              label_smoothing=train.label_smoothing),
         schedule=schedule, total_steps=total_steps, steps_per_epoch=epoch_steps, checkpointer=manager,
         rank=rank, ema=ModelEMA(model, train.ema_decay) if train.ema_decay else None,
-        meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested, progress=watchdog.beat)
+        meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested, progress=watchdog.beat,
+        events=events.emit)
     loaded = _resume(recipe, manager)
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
@@ -103,9 +119,13 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
             run_tags[TAG_RESUMED_FROM_RUN] = source_run
     parts.tracker = build_tracker(recipe, rank, resume_state=loaded.meta.get("tracking") if own else None,
                                   run_tags=run_tags, resume_step=loaded.step if own else None)
-    head.on_lost = _end_rank(rank, recipe.run_dir, parts.tracker)  # a lost Ray head: MLflow run FAILED
+    head.on_lost = _end_rank(rank, recipe.run_dir, parts.tracker, events)  # a lost Ray head: MLflow run FAILED
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
     parts.after_epoch = layer_response_hook(recipe, rank, parts.tracker, normalizer)
+    events.emit("start", step=parts.state.step, total_steps=parts.total_steps,  # set-up done: the steps follow
+                hosts=run_tags[TAG_HOSTS].split(","), resumed_from=str(loaded.path) if loaded is not None else None)
+    if meter is not None:
+        _report_goodput(meter, parts, events)
     try:
         summary = fit(parts)
         if not summary.get("preempted"):
@@ -118,6 +138,10 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
         backend.close()
     if summary.get("preempted"):
         summary["signal"] = stop_watch.signal_name or "SIGTERM"
+    if meter is not None:  # this attempt's last figures and how it ended (its end record follows)
+        parts.tracker.log_metrics(meter.figures(), step=parts.state.step)
+        how = "preempted by " + summary["signal"] if summary.get("preempted") else "finished"
+        parts.tracker.set_tags(attempt_tags(meter.attempts, meter.current, state=how))
     # Every rank returns its summary (a multi-node local launch hears how the run ended from its first
     # rank); launchers print rank 0's.
     return _report({**summary, "rank": rank}, parts, manager, world, preempted=bool(summary.get("preempted")))
@@ -137,12 +161,14 @@ def _inside(path: Any, folder: Any) -> bool:
         return False
 
 
-def _end_rank(rank: int, run_dir: Path, tracker: Any = None) -> Any:
+def _end_rank(rank: int, run_dir: Path, tracker: Any = None, events: EventLog | None = None) -> Any:
     """HeadWatch's on_lost in a rank: nothing reaches the driver any more, so the rank ends itself; rank 0
     first closes the MLflow run as FAILED with the reason and leaves a note saying so, which the driver waits
     for (the other ranks give it a few seconds, so that a peer's broken collective does not end it first)."""
     def on_lost(reason: str) -> None:
         print(f"rtrain: rank {rank}: {reason}; this rank stops", flush=True)
+        if events is not None:
+            events.emit("end", reason="failed", error=reason)
         if rank == 0:
             outcome = "the MLflow run was marked FAILED" if tracker is not None else "no MLflow run was open yet"
             try:
@@ -155,6 +181,17 @@ def _end_rank(rank: int, run_dir: Path, tracker: Any = None) -> Any:
             time.sleep(5)
         os._exit(1)
     return on_lost
+
+
+def _report_goodput(meter: GoodputMeter, parts: FitParts, events: EventLog) -> None:
+    """Rank 0: a tag per attempt (the earlier ones as their logs tell; a killed one left no end record),
+    goodput and its losses to MLflow at every log window (the last one's at the end, with the end's figures)."""
+    parts.tracker.set_tags(attempt_tags(meter.attempts, meter.current))
+
+    def on_record(record: dict[str, Any]) -> None:
+        if record.get("event") == "window" and record.get("step", parts.total_steps) < parts.total_steps:
+            parts.tracker.log_metrics(meter.figures(), step=record["step"])
+    events.observers.append(on_record)
 
 
 def _suspect_recorder(guard: CrashGuard | None, loader: Any) -> Any:
@@ -193,8 +230,25 @@ def _resume(recipe: Recipe, manager: CheckpointManager) -> Loaded | None:
     if choice == "never":
         return None
     if choice == "auto":  # damaged checkpoints: moved aside or refused, never trained over (checkpoint.damage)
-        return manager.resume(recipe.checkpoint.on_all_damaged)
-    return manager.load(choice)
+        loaded = manager.resume(recipe.checkpoint.on_all_damaged)
+    else:
+        loaded = manager.load(choice)
+    _same_on_every_rank(loaded)
+    return loaded
+
+
+def _same_on_every_rank(loaded: Loaded | None) -> None:
+    """Every rank chose its checkpoint alone: a step published (or set aside) between two ranks' choices
+    would have them train on from different states. One small all_gather finds it; the run stops, named."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    mine = (str(loaded.path), loaded.step, loaded.save_id) if loaded is not None else None
+    every: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        chose = "; ".join(f"rank {rank}: {choice[0] if choice else 'none'}" for rank, choice in enumerate(every))
+        raise CheckpointError(f"the ranks resumed different checkpoints ({chose[:1000]}): the checkpoint folder "
+                              "changed while they chose (another writer?); rerun the same command")
 
 
 def _report(summary: dict[str, Any], parts: FitParts, manager: CheckpointManager, world: int,

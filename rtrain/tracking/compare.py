@@ -1,7 +1,8 @@
 """`rtrain compare`: runs side by side from any MLflow store (sqlite file or server).
 
-One row per run: its name, id, status, the recipe keys whose values differ between the runs, and the final
-and best value of each chosen metric. The PNG shows the metrics' curves in the paper's style (training
+One row per run: its name, id, status, the recipe keys whose values differ between the runs, the final
+and best value of each chosen metric, and (runs that logged it) goodput across attempts with its losses in
+seconds (rtrain.tracking.goodput). The PNG shows the metrics' curves in the paper's style (training
 dashed, validation solid, one colour per run, x in epochs when every run recorded its steps per epoch);
 `--layer-responses` overlays the runs' latest layer responses (Fig. 7).
 """
@@ -41,6 +42,7 @@ class RunCurves:
     params: dict[str, str]
     steps_per_epoch: int | None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(step, value)]
+    latest: dict[str, float] = field(default_factory=dict)  # every metric's newest value (goodput, lost/...)
 
     def final(self, key: str) -> float | None:
         points = self.curves.get(key)
@@ -123,7 +125,8 @@ def load_curves(client, run: Any, keys: list[str]) -> RunCurves:
     tags = run.data.tags
     spe = tags.get(TAG_STEPS_PER_EPOCH)
     loaded = RunCurves(run.info.run_id, run.info.run_name or run.info.run_id[:8], run.info.status,
-                       dict(run.data.params), int(spe) if spe and spe.isdigit() else None)
+                       dict(run.data.params), int(spe) if spe and spe.isdigit() else None,
+                       latest=dict(run.data.metrics))
     for key in keys:
         history = client.get_metric_history(run.info.run_id, key)
         loaded.curves[key] = sorted((int(m.step), float(m.value)) for m in history)
@@ -140,13 +143,26 @@ def table_rows(runs: list[RunCurves], keys: list[str]) -> tuple[list[str], list[
     header = ["run", "run_id", "status", *params]
     for key in keys:
         header += [f"final {key}", f"best {key}"]
+    goodput = any("goodput" in r.latest for r in runs)
+    if goodput:
+        header += ["goodput", *(f"{key} s" for key in GOODPUT_COLUMNS)]
     rows = []
     for r in runs:
         row = [r.name, r.run_id[:8], r.status, *(r.params.get(k, "") for k in params)]
         for key in keys:
             row += [_number(r.final(key)), _number(r.best(key))]
+        if goodput:
+            row += [_number(r.latest.get("goodput")), *(_seconds(r.latest.get(key)) for key in GOODPUT_COLUMNS)]
         rows.append(row)
     return header, rows
+
+
+GOODPUT_COLUMNS = ("lost/restart", "lost/recomputed", "lost/startup", "lost/data_wait", "lost/checkpoint_blocking",
+                   "lost/eval")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def _number(value: float | None) -> str:

@@ -86,3 +86,36 @@ def test_two_gloo_ranks_save_and_each_loads_its_own(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-000000001", "step-000000002"]
     for rank in range(WORLD_SIZE):
         assert (root / "step-000000002" / f"rank-{rank:05d}" / "rng.pt").is_file()
+
+
+def agree_main(rank, port, result_dir):
+    """Each rank 'resumed' on its own; the worker's check after resume compares the ranks' choices."""
+    from rtrain.checkpoint import CheckpointError, Loaded
+    from rtrain.launch.worker import _same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    outcome = []
+    try:
+        same = Loaded(9, "s3://b/run/step-000000009", {}, {}, {}, 2, "t-9-1")
+        _same_on_every_rank(same)
+        outcome.append("same: agreed")
+        late = Loaded(12, "s3://b/run/step-000000012", {}, {}, {}, 2, "u-12-1")  # published between choices
+        try:
+            _same_on_every_rank(same if rank == 0 else late)
+            outcome.append("different: agreed")
+        except CheckpointError as error:
+            outcome.append(f"different: {error}")
+    finally:
+        dist.destroy_process_group()
+        with open(os.path.join(result_dir, f"agree-{rank}.txt"), "w") as out:
+            out.write("\n".join(outcome))
+
+
+def test_ranks_that_resumed_different_checkpoints_stop_named(tmp_path):
+    mp.spawn(agree_main, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        same, different = (tmp_path / f"agree-{rank}.txt").read_text().splitlines()
+        assert same == "same: agreed"
+        assert different == ("different: the ranks resumed different checkpoints (rank 0: "
+                             "s3://b/run/step-000000009; rank 1: s3://b/run/step-000000012): the checkpoint folder "
+                             "changed while they chose (another writer?); rerun the same command")

@@ -176,6 +176,10 @@ def test_compare_two_real_runs(straight, killed, server, client, tmp_path):
     for row, run in zip(rows, (straight, killed[1])):
         assert row[1] == run.info.run_id[:8] and row[2] == "FINISHED"
         assert row[final] == f"{run.data.metrics['val/top1_error']:.4f}"
+        assert row[header.index("goodput")] == f"{run.data.metrics['goodput']:.4f}"
+    restart, redone = header.index("lost/restart s"), header.index("lost/recomputed s")
+    assert rows[0][restart] == "0.0" and float(rows[1][restart]) > 0  # the killed run was down, then rerun
+    assert float(rows[1][redone]) > 0  # it ran the steps after its last checkpoint again
     for path, size in ((png, (500, 800)), (tmp_path / "compare-layer-responses.png", (600, 800))):
         pixels = imread(path)
         assert pixels.shape[:2] == size and float(np.var(pixels)) > 1e-3, path

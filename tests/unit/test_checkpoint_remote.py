@@ -123,6 +123,11 @@ def test_a_done_listing_files_that_are_not_its_ranks_is_never_published(url, tmp
     (lambda m: m.update(world_size=0), "'world_size' is missing or not an int >= 1"),
     (lambda m: m.update(step=3), "says step 3, the folder disagrees"),
     (lambda m: m.update(folder="../x"), "'folder' is not a save id"),
+    (lambda m: m.update(folder=""), "'folder' is not a save id"),  # not the first layout: it has no 'folder'
+    (lambda m: m["files"].update({"shared/" + "\u4e2d" * 190 + ".pt": {"sha256": "0" * 64, "size": 1}}),
+     "not a name rtrain"),  # 573 bytes: a local file name too long
+    (lambda m: m["files"].update({"rank-\u0660\u0660\u0660\u0660\u0661/rng.pt": {"sha256": "0" * 64, "size": 1}}),
+     "not a name rtrain"),
     (lambda m: m.update(files=[[[[]]]] * 3), "'files' is missing or empty"),
 ])
 def test_a_lying_manifest_is_a_damaged_step_named_in_one_line(url, tmp_path, caplog, change, reason):
@@ -191,3 +196,51 @@ def test_the_default_staging_folder_is_never_someone_elses(url, tmp_path, monkey
     planted.chmod(0o777)  # writable by everyone: a name anyone could have made first
     manager = open_checkpoints(url, world_size=1)
     assert manager.staging != planted and (manager.staging.stat().st_mode & 0o077) == 0
+
+
+def test_a_step_missing_a_rank_file_is_never_published_nor_prunes_the_good_one(url, tmp_path):
+    assert _save(url, tmp_path, 3, keep=1) == []
+
+    def lose_its_states(manager):  # rank 1's upload of its states never arrives; its DONE does
+        def put_file(local: str, key: str) -> None:
+            if not key.endswith("rng.pt"):
+                manager.fs.put_file(local, key)
+        manager.fs = _FsWith(manager.fs, put_file=put_file)
+        return manager._put
+
+    [error] = _save(url, tmp_path, 6, {1: {"_put": lose_its_states}}, keep=1)
+    assert "step-000000006: not published: " in str(error) and "missing file rank-00001/rng.pt" in str(error)
+    reader = _manager(url, tmp_path)
+    assert [p.name for p in reader.list()] == ["step-000000003"] and reader.latest().step == 3
+
+
+class _FsWith:
+    """An fsspec filesystem with some methods replaced."""
+
+    def __init__(self, fs, **methods) -> None:
+        self._fs, self._methods = fs, methods
+
+    def __getattr__(self, name):
+        return self._methods.get(name) or getattr(self._fs, name)
+
+
+def test_an_object_that_grew_or_went_since_it_was_listed_is_named_not_read_whole(tmp_path):
+    from rtrain.checkpoint.objects import download_capped
+    from rtrain.checkpoint.files import CheckpointError as Error
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    key = f"/rtrain-test/{uuid.uuid4().hex[:8]}/big"
+    fs.pipe_file(key, b"x" * (3 << 20))
+    with pytest.raises(Error, match=r"^step 6: file a is larger than the 100 bytes its manifest says"):
+        download_capped(fs, key, tmp_path / "a", 100, "step 6: file a")
+    assert (tmp_path / "a").stat().st_size == 101  # no further than one byte past the size
+    with pytest.raises(Error, match=r"step 6: file b is gone from the store \(the step changed while it was read\)"):
+        download_capped(fs, key + "-gone", tmp_path / "b", 100, "step 6: file b")
+
+
+def test_ranks_of_one_job_must_share_a_save_tag(url, tmp_path):
+    reader = open_checkpoints(url, rank=1, world_size=2, staging=tmp_path)  # reading needs none
+    assert reader.list() == []
+    with pytest.raises(ValueError, match="the ranks of a job save with their common save_tag"):
+        reader.save(3, {}, {"rng": {"r": torch.zeros(1)}})
