@@ -119,6 +119,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from rtrain.tracking.status import StatusError, read_status, render
+
+    try:
+        while True:
+            status = read_status(args.run_dir)
+            if args.watch:
+                print("\x1b[2J\x1b[H", end="")
+            print(render(status), end="", flush=True)
+            if not args.watch or status.state != "running":
+                return 0
+            time.sleep(args.watch)
+    except StatusError as exc:
+        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     from rtrain.commands.arguments import (  # imports no torch
         add_bench_arguments,
@@ -147,6 +168,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
                        "a PNG of their curves in the paper's style")
     add_compare_arguments(p)
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("status", help="a run at a glance, live or ended: state, step and ETA, attempts, goodput, "
+                       "newest checkpoint, slowest rank, MLflow run (read-only)")
+    p.add_argument("run_dir", help="the run directory (run.output_root/run.name)")
+    p.add_argument("--watch", type=float, nargs="?", const=5.0, default=0.0, metavar="SECONDS",
+                   help="redraw every SECONDS (5) until the run is no longer running")
+    p.set_defaults(func=_cmd_status)
 
 
 def build_parser() -> argparse.ArgumentParser:

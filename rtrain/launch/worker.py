@@ -122,8 +122,11 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     head.on_lost = _end_rank(rank, recipe.run_dir, parts.tracker, events)  # a lost Ray head: MLflow run FAILED
     parts.checkpointer = track_checkpoints(manager, parts.tracker, recipe.tracking.log_checkpoints, rank)
     parts.after_epoch = layer_response_hook(recipe, rank, parts.tracker, normalizer)
+    mlflow = {"run_id": getattr(parts.tracker, "run_id", None), "uri": getattr(parts.tracker, "uri", None),
+              "experiment": recipe.tracking.experiment} if rank == 0 and recipe.tracking.enabled else None
     events.emit("start", step=parts.state.step, total_steps=parts.total_steps,  # set-up done: the steps follow
-                hosts=run_tags[TAG_HOSTS].split(","), resumed_from=str(loaded.path) if loaded is not None else None)
+                hosts=run_tags[TAG_HOSTS].split(","), resumed_from=str(loaded.path) if loaded is not None else None,
+                mlflow=mlflow)
     if meter is not None:
         _report_goodput(meter, parts, events)
     try:

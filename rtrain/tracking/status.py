@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from rtrain.tracking.events import LOGS_DIR, read_events
 from rtrain.tracking.goodput import LOSSES, Attempt, attempts_of, summarize
 
 HEARTBEATS = "heartbeats"
-ALIVE_S = 30.0  # a live rank's watchdog thread rewrites its heartbeat every 5 s at most
+ALIVE_S = 15.0  # a live rank's watchdog thread rewrites its heartbeat every 5 s at most
 
 
 class StatusError(RuntimeError):
@@ -83,7 +84,7 @@ def _state(run_dir: Path, current: Attempt, now: float) -> tuple[str, str]:
     if current.reason == "failed":
         return "failed", f"at {_iso(current.last)}: {(current.error or 'see the console')[:300]}"
     beats = _heartbeats(run_dir / HEARTBEATS / current.token)
-    fresh = [beat for beat in beats if now - beat["written"] < ALIVE_S]
+    fresh = [beat for beat in beats if _alive(beat, now)]
     if fresh:
         oldest = min(fresh, key=lambda beat: beat["progress_at"])
         return "running", (f"{len(fresh)} rank(s) alive; least recent progress: rank {oldest['rank']} "
@@ -92,6 +93,23 @@ def _state(run_dir: Path, current: Attempt, now: float) -> tuple[str, str]:
         return "running", f"last record {now - current.last:.0f} s ago"
     return "stopped", (f"no end record and no live rank: killed or lost (last record {_iso(current.last)}); "
                        "rerun the same command to resume")
+
+
+def _alive(beat: dict[str, Any], now: float) -> bool:
+    """A rank of this host: its process exists; of another host: its heartbeat was rewritten lately."""
+    if beat.get("host") == socket.gethostname() and isinstance(beat.get("pid"), int) and beat["pid"] > 0:
+        try:
+            os.kill(beat["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's process: it exists
+            pass
+        try:  # a killed rank nobody reaped yet (a zombie) is not alive
+            if Path(f"/proc/{beat['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+        except (OSError, IndexError):
+            pass
+    return now - beat["written"] < ALIVE_S
 
 
 def _heartbeats(folder: Path) -> list[dict[str, Any]]:

@@ -3,8 +3,11 @@ its own). A killed and resumed run's are checked in test_resume_kill.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
-from ray_runs import STEPS, mlflow_runs
+from ray_runs import REPO, STEPS, mlflow_runs, run_env
 
 from rtrain.tracking.events import read_events
 from rtrain.tracking.goodput import attempts_of, summarize
@@ -34,3 +37,26 @@ def test_a_straight_run_logs_every_rank_and_its_goodput_is_all_but_start_up_and_
     assert 0 <= metrics["lost/unaccounted"] < 0.2 * wall  # what no record measures stays small
     assert run.data.tags["rtrain.attempt.1"].startswith("finished; ") and f"steps 0-{STEPS}" in \
         run.data.tags["rtrain.attempt.1"]
+
+
+def test_rtrain_status_of_a_finished_run_is_one_screen_and_writes_nothing(reference_run):
+    run_dir = reference_run.out / reference_run.name
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    done = subprocess.run([sys.executable, "-m", "rtrain.cli", "status", str(run_dir)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=run_env())
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"run         {run_dir}" and lines[1].startswith("state       finished: at ")
+    assert lines[2] == f"step        {STEPS}/{STEPS} (100%)"
+    assert lines[3].startswith("attempts    1  finished ") and f"steps 0-{STEPS}  hosts " in lines[3]
+    assert lines[4].startswith("goodput     0.") and lines[5].startswith("lost        restart 0.0 s, startup ")
+    assert lines[6].startswith(f"checkpoint  step {STEPS} at ")
+    assert lines[7].startswith("slowest     rank ") and "dominated)" in lines[7]
+    [run] = mlflow_runs(reference_run.out, reference_run.name)
+    assert lines[8] == (f"mlflow      run {run.info.run_id} (experiment {reference_run.name!r}) at "
+                        f"sqlite:///{reference_run.out}/mlflow.db: mlflow ui --backend-store-uri "
+                        f"sqlite:///{reference_run.out}/mlflow.db")
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before  # read-only
+    missing = subprocess.run([sys.executable, "-m", "rtrain.cli", "status", str(run_dir / "nope")], cwd=REPO,
+                             capture_output=True, text=True, timeout=120, env=run_env())
+    assert missing.returncode == 2 and missing.stderr.startswith(f"rtrain: {run_dir / 'nope'}: no logs/ folder")

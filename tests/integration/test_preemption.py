@@ -33,6 +33,7 @@ from ray_runs import (
 from rtrain.data.ledger import epoch_samples, read_ledger
 from rtrain.launch.owner import RunLock
 from rtrain.launch.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from rtrain.tracking.status import read_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -56,6 +57,9 @@ def _start_and_signal(cmd, out, name: str, signum: int, *, group: bool = False):
     try:
         wait_for(lambda: checkpoint_steps(out, name) or proc.poll() is not None, 600, "the first checkpoint")
         assert proc.poll() is None, proc.communicate()[1][-3000:]
+        live = read_status(out / name)  # rtrain status on a live run: running, and its step advances
+        assert live.state == "running", live.detail
+        wait_for(lambda: read_status(out / name).step > live.step or proc.poll() is not None, 60, "a later step")
         pids = descendants(proc.pid)
         (os.killpg if group else os.kill)(proc.pid, signum)  # a terminal's Ctrl-C reaches the whole group
         stdout, stderr = proc.communicate(timeout=300)
@@ -88,6 +92,8 @@ def _check_stopped(done, pids, out, name: str, code: int, signal_name: str) -> i
     wait_for(lambda: pids_gone(pids), 30, f"processes {pids} to end")
     [run] = mlflow_runs(out, name)
     assert run.info.status == "KILLED"
+    status = read_status(out / name)
+    assert (status.state, status.step) == ("preempted", stopped_at) and signal_name in status.detail
     return stopped_at
 
 

@@ -20,6 +20,7 @@ from ray_runs import REPO, assert_same_weights, launch_command, mlflow_runs, qui
 from rtrain.checkpoint import CheckpointManager
 from rtrain.tracking.events import read_events
 from rtrain.tracking.goodput import attempts_of
+from rtrain.tracking.status import read_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,6 +93,11 @@ def test_killed_and_resumed_equals_straight(digits_shards, request, tmp_path, en
     ckpt_dir = killed / "r" / "checkpoints"
     killed_at = _run_and_kill(cmd, ckpt_dir, kill_after_step=EVERY * 2)
     assert killed_at % 11 != 0, "the kill should land mid-epoch"
+    if not engine:
+        deadline = time.monotonic() + 30  # the ranks die with their SIGKILL within moments of the launcher
+        while read_status(killed / "r").state != "stopped":  # no end record, no live rank: killed
+            assert time.monotonic() < deadline, read_status(killed / "r").detail
+            time.sleep(0.2)
     time.sleep(DOWN_S)
     _run(cmd)
     assert_same_weights(expected, _final_weights(ckpt_dir), "the killed and resumed run")
@@ -102,6 +108,8 @@ def test_killed_and_resumed_equals_straight(digits_shards, request, tmp_path, en
 def _assert_goodput_across_the_kill(out: Path, name: str) -> None:
     """Rank 0's log holds both attempts; MLflow's one run has their tags and goodput losses that match it."""
     killed, rerun = attempts_of(read_events(out / name / "logs" / "rank-0.jsonl"))
+    status = read_status(out / name)
+    assert status.state == "finished" and [a.reason for a in status.attempts] == ["killed", "finished"]
     assert (killed.reason, rerun.reason) == ("killed", "finished")
     assert rerun.resumed_step < killed.step, "the kill should come after steps the rerun runs again"
     [run] = mlflow_runs(out, name)
