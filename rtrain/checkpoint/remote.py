@@ -164,18 +164,15 @@ class RemoteCheckpointManager(CheckpointManager):
             except CheckpointError as error_:  # the protocol's own (a rank that never finished): not retried
                 error = error_
                 break
-        saved = self.list_quietly()
+        try:
+            saved = self.list()
+        except Exception:  # noqa: BLE001 - the store is away: nothing to name
+            saved = []
         newest = f"the newest published checkpoint is {saved[0]}" if saved else "no checkpoint is published yet"
         self.unpublished = CheckpointError(
             f"{self.url / step_name}: not published: {error} (tried {tries} time(s) over "
             f"{time.monotonic() - started:.0f} s; checkpoint.upload_retry_s={self.retry_s:g}); {newest}")
         logger.warning("%s; training goes on", self.unpublished)
-
-    def list_quietly(self) -> list[ObjectPath]:
-        try:
-            return self.list()
-        except Exception:  # noqa: BLE001 - the store is away: nothing to name
-            return []
 
     def _stage(self, job: SaveJob, stage: Path) -> dict[str, FileDigest]:
         """This rank's files (and rank 0's shared ones) written to the staging folder: name -> digest."""
@@ -234,7 +231,7 @@ class RemoteCheckpointManager(CheckpointManager):
         problem = files.manifest_problem(manifest)
         if problem:
             raise CheckpointError(f"the manifest it would publish is bad: {problem}")
-        check_listed(self.url / step_name, manifest, self._listing(folder))
+        self._check_in_store(self.url / step_name, manifest)
         for name, entry in manifest["files"].items():
             if name.endswith("/" + DONE_NAME):
                 data = self._get(f"{folder}/{name}")
@@ -273,8 +270,7 @@ class RemoteCheckpointManager(CheckpointManager):
                 continue
             try:  # the save's own listing, fresh: another writer may have published a newer save of the step
                 manifest = self._manifest(self.url / step_name)
-                check_listed(self.url / step_name, manifest, self._listing(files_folder(self.url / step_name,
-                                                                                        manifest)))
+                self._check_in_store(self.url / step_name, manifest)
             except CheckpointError as error:
                 self._set_aside(self.url / step_name, str(error))
                 gone.add(step_name)
@@ -333,9 +329,8 @@ class RemoteCheckpointManager(CheckpointManager):
         wanted = manifest["files"] if not shared_only else {
             name: entry for name, entry in manifest["files"].items()
             if name == META_NAME or name.rpartition("/")[0] == SHARED_DIR}
-        # Every rank reads every file, as on disk: ranks that verified different files could resume different
-        # steps. Past the shared states the other ranks' files are small (RNG streams, loader positions), or,
-        # for ZeRO shards, together the size of the optimizer state that one rank holds otherwise.
+        # Every rank reads every file, as on disk (ranks that verified different files could resume different
+        # steps); past the shared states they are small, or for ZeRO shards one optimizer state in all.
         local = self.staging / f"load-{uuid.uuid4().hex[:8]}" / path.name
         try:
             self._fetch(path, manifest, wanted, local)
@@ -347,11 +342,15 @@ class RemoteCheckpointManager(CheckpointManager):
         self._manifests = {str(path): manifest}
         return loaded
 
+    def _check_in_store(self, path: ObjectPath, manifest: dict) -> str:
+        """Every file of the manifest in a fresh listing of its save's folder, with its size; that folder."""
+        check_listed(path, manifest, self._listing(folder := files_folder(path, manifest)))
+        return folder
+
     def _fetch(self, path: ObjectPath, manifest: dict, wanted: dict[str, Any], local: Path) -> None:
         """Download `wanted` files of a step to `local` and verify them; every listed file must be in the
         store with its size first (cheap, and a step missing a rank's files is damaged for every rank)."""
-        folder = files_folder(path, manifest)
-        check_listed(path, manifest, self._listing(folder))
+        folder = self._check_in_store(path, manifest)
         local.mkdir(parents=True)
         for name, entry in wanted.items():
             download_capped(self.fs, self._key(folder, name), local / name, entry["size"], f"{path}: file {name}")

@@ -244,3 +244,28 @@ def test_ranks_of_one_job_must_share_a_save_tag(url, tmp_path):
     assert reader.list() == []
     with pytest.raises(ValueError, match="the ranks of a job save with their common save_tag"):
         reader.save(3, {}, {"rng": {"r": torch.zeros(1)}})
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=30), inner,
+                                                                                     max_size=3), max_leaves=15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(["format", "version", "step", "world_size", "save_id", "folder",
+                                                "files"]), _values, max_size=3),
+       names=st.dictionaries(st.text(max_size=40), _values, max_size=3))
+def test_any_manifest_parses_to_a_checked_one_or_a_checkpoint_error(changes, names):
+    from rtrain._remote import ObjectPath
+    from rtrain.checkpoint.objects import parse_manifest
+
+    manifest = {"format": "rtrain-checkpoint", "version": 1, "step": 3, "world_size": 2, "save_id": "t-3-1",
+                "folder": "t-3-1", "files": {"meta.json": {"sha256": "0" * 64, "size": 2}, **names}, **changes}
+    try:
+        parsed = parse_manifest(ObjectPath("memory://b/run/step-000000003"), json.dumps(manifest).encode())
+    except CheckpointError:
+        return
+    for name in parsed["files"]:  # what passes is only what rtrain writes: short ASCII parts, no escape
+        assert name.isascii() and ".." not in name.split("/") and len(name.encode()) < 255 * 2

@@ -106,3 +106,20 @@ def test_a_log_larger_than_the_reading_bound_is_read_from_its_end(tmp_path):
     assert tail and tail[-1]["step"] == 1999 and tail[0]["step"] > 1000
     assert [r["step"] for r in tail] == list(range(tail[0]["step"], 2000))
     assert Path(path).stat().st_size > 10_000
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=4), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.binary(max_size=60) | _json.map(lambda v: json.dumps(v).encode()), max_size=12))
+def test_any_bytes_in_a_log_read_as_events_or_skipped_and_summarize_never_raises(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("log") / "rank-0.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    records = read_events(path)
+    assert all(isinstance(r["event"], str) and isinstance(r["time"], (int, float)) for r in records)
+    summarize([r for r in records if math.isfinite(r["time"])])
