@@ -326,6 +326,16 @@ class TrackingConfig(Section):
     system_metrics: bool = Field(
         False, description="MLflow system metrics (CPU, memory, disk, network; GPU when present) as system/*.")
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
+    rank_timing: bool = Field(
+        True, description="Every log window, gather each rank's data wait, step and collective-wait seconds (one "
+        "all_gather of 4 numbers per rank, which also averages the loss) for step_time/p50, /max, /slowest_rank "
+        "and the straggler warning; false = the loss's all_reduce alone.")
+    straggler_fraction: float = Field(
+        0.3, gt=0, description="A rank whose own seconds per step (data wait + compute, without its wait for the "
+        "others) are more than this fraction above the other ranks' median is slow in that window.")
+    straggler_windows: int = Field(
+        3, ge=1, description="Log windows in a row a rank must be slow before a warning names it, its host and "
+        "what dominated (data wait, compute or collective wait).")
     http_timeout_s: int = Field(
         10, ge=1, description="Seconds one HTTP request to a tracking server may take "
         "(MLFLOW_HTTP_REQUEST_TIMEOUT; MLflow's own default is 120).")

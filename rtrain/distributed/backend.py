@@ -17,6 +17,8 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
+from rtrain.distributed.waits import CollectiveClock
+
 DDP_STATE_VERSION = 1
 
 
@@ -71,7 +73,8 @@ class DDPBackend:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: GradScaler, *,
                  device: torch.device, clip_grad_norm: float | None = None, bucket_cap_mb: float = 25.0,
-                 static_graph: bool = False, compile_model: bool = False) -> None:
+                 static_graph: bool = False, compile_model: bool = False, clock: CollectiveClock | None = None
+                 ) -> None:
         self.module = model
         self.optimizer = optimizer
         self.scaler = scaler
@@ -81,10 +84,15 @@ class DDPBackend:
             ids = [device.index] if device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=bucket_cap_mb,
                                               static_graph=static_graph)
+            if clock is not None:
+                clock.watch_ddp(model)
+        self.clock = clock if wrapped is not model else None
         self.wrapped = wrapped
         self._forward = torch.compile(wrapped) if compile_model else wrapped
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.clock is not None:  # DDP broadcasts rank 0's buffers before the module runs: a wait for rank 0
+            self.clock.ddp_forward()
         return self._forward(images)
 
     def micro_context(self, last: bool) -> ContextManager:
@@ -94,6 +102,8 @@ class DDPBackend:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+        if self.clock is not None:  # DDP waited for every rank's gradients before backward() returned
+            self.clock.backward_done()
 
     def step(self) -> StepOutcome:
         opt = self.optimizer

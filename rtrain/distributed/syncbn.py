@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from rtrain.distributed.waits import CollectiveClock
+
 IMPLS = ("rtrain", "torch", "apex")
 
 
@@ -36,14 +38,14 @@ def _reduce_dims(x: Tensor) -> list[int]:
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, process_group, clock):
         channels = x.shape[1]
         dims = _reduce_dims(x)
         x32 = x.float()
         local_count = x.numel() // channels
         count = torch.full((1,), float(local_count), dtype=torch.float32, device=x.device)
         packed = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), count])
-        dist.all_reduce(packed, group=process_group)
+        _all_reduce(packed, process_group, clock)
         total = packed[2 * channels]
         if local_count <= 1 and total.item() <= 1:  # the sync is only paid on this degenerate path
             raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel when training, "
@@ -60,6 +62,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
         ctx.save_for_backward(x, weight, mean, invstd, total)
         ctx.process_group = process_group
+        ctx.clock = clock
         y = (x32 - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
         if weight is not None:
             y = y * _channel_view(weight.float(), x.dim())
@@ -81,7 +84,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             channels = x.shape[1]
             packed = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(packed, group=ctx.process_group)
+            _all_reduce(packed, ctx.process_group, ctx.clock)
             mean_dy = packed[:channels] / total
             mean_dy_xhat = packed[channels:] / total
             scale = invstd if weight is None else invstd * weight.float()
@@ -91,7 +94,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = sum_dy_xhat.to(weight.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _all_reduce(packed: Tensor, process_group, clock: CollectiveClock | None) -> None:
+    if clock is None:
+        dist.all_reduce(packed, group=process_group)
+        return
+    with clock.waiting():
+        dist.all_reduce(packed, group=process_group)
 
 
 def _group_size(process_group) -> int:
@@ -107,6 +118,7 @@ class SyncBatchNorm(_BatchNorm):
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
+        self.clock: CollectiveClock | None = None  # adds up the all_reduces' seconds (a straggler report)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -127,7 +139,7 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 use_batch_stats, factor, self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
-                                            self.eps, factor, self.process_group)
+                                            self.eps, factor, self.process_group, self.clock)
 
 
 def bn_group(group_size: int | None):
@@ -170,18 +182,19 @@ def _sync_bn_class(impl: str) -> type[nn.Module]:
     raise ValueError(f"unknown syncbn impl '{impl}'; known: {list(IMPLS)}")
 
 
-def convert_sync_batchnorm(model: nn.Module, impl: str = "rtrain", group_size: int | None = None) -> nn.Module:
+def convert_sync_batchnorm(model: nn.Module, impl: str = "rtrain", group_size: int | None = None,
+                           clock: CollectiveClock | None = None) -> nn.Module:
     """Replace every nn.BatchNorm*d in ``model`` by a synchronized BN, keeping parameters and buffers.
 
     The original Parameter objects are reused, so an optimizer built before the conversion still updates them.
     ``group_size`` creates BN groups (``bn_group``) when torch.distributed is initialized; without it there is
-    a single rank and every group is the local batch.
+    a single rank and every group is the local batch. A `clock` (rtrain's impl only) times the all_reduces.
     """
     sync_class = _sync_bn_class(impl)
     process_group = None
     if group_size is not None and dist.is_available() and dist.is_initialized():
         process_group = bn_group(group_size)
-    return _replace_batchnorms(model, lambda bn: _make_sync(sync_class, bn, process_group))
+    return _replace_batchnorms(model, lambda bn: _make_sync(sync_class, bn, process_group, clock))
 
 
 def _replace_batchnorms(module: nn.Module, make: Callable[[_BatchNorm], nn.Module]) -> nn.Module:
@@ -194,9 +207,12 @@ def _replace_batchnorms(module: nn.Module, make: Callable[[_BatchNorm], nn.Modul
     return module
 
 
-def _make_sync(sync_class: type[nn.Module], bn: _BatchNorm, process_group) -> nn.Module:
+def _make_sync(sync_class: type[nn.Module], bn: _BatchNorm, process_group, clock: CollectiveClock | None
+               ) -> nn.Module:
     sync = sync_class(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                       process_group=process_group)
+    if isinstance(sync, SyncBatchNorm):
+        sync.clock = clock
     if bn.affine:
         with torch.no_grad():
             sync.weight = bn.weight

@@ -74,6 +74,13 @@ class FitParts:
     # This rank's structured log (rtrain.tracking.events): `events(name, **fields)` for every log window
     # (with the seconds this rank waited for data), eval, checkpoint and stop.
     events: Callable[..., None] | None = None
+    # This rank's seconds blocked in collectives so far (rtrain.distributed.waits.CollectiveClock). With it,
+    # every log window gathers each rank's data wait, step and collective seconds in the one all_gather that
+    # also averages the loss (in place of the loss's all_reduce), and `rank_times(step, table)` is told the
+    # table: one dict per rank (rank, steps, data_wait_s, step_s, collective_s); what it returns is logged
+    # with the window's metrics.
+    collective_s: Callable[[], float] | None = None
+    rank_times: Callable[[int, list[dict[str, float]]], dict[str, float]] | None = None
 
 
 def stateful_parts(parts: FitParts) -> list[stateful.Part]:
@@ -113,6 +120,15 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+def gather_rows(mine: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d tensor, stacked in rank order (one all_gather; called by every rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine.view(1, -1)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return torch.stack(every)
+
+
 class _Fit:
     def __init__(self, parts: FitParts) -> None:
         self.p = parts
@@ -122,6 +138,10 @@ class _Fit:
         self.window_hits: torch.Tensor | None = None  # train top-1/top-5 hits since the last logged step
         self.window_data_s = 0.0  # what this rank waited for its loader since the last logged step
         self.window_step_s = 0.0  # ... and spent in its steps (forward, backward, optimizer, EMA)
+        self.window_steps = 0
+        self.tick: float | None = None  # when the window began (a window may span an epoch's end)
+        self.window_eval_s = 0.0  # an epoch's eval inside the window: not the steps' time
+        self.collective_mark = parts.collective_s() if parts.collective_s is not None else 0.0
         # A restored run already has its checkpoint at this step.
         self.last_saved_step = parts.state.step if parts.state.step > 0 else -1
         self.stopped = False
@@ -158,7 +178,9 @@ class _Fit:
         """Train through the loader's epoch; True when the epoch was completed."""
         p, state = self.p, self.p.state
         every = p.checkpoint.every_steps
-        tick = waiting = time.perf_counter()
+        waiting = time.perf_counter()
+        if self.tick is None:
+            self.tick = waiting
         self._progress("waiting for data")
         for images, labels in p.train_loader:
             began = time.perf_counter()
@@ -174,10 +196,10 @@ class _Fit:
             if p.ema is not None and result.stepped:
                 p.ema.update(p.backend.module)
             self.window_step_s += time.perf_counter() - began
+            self.window_steps += 1
             if state.step % p.train.log_every_steps == 0 or state.step == p.total_steps:
-                now = time.perf_counter()
-                self._log_step(result.loss, lr, now - tick)
-                tick = time.perf_counter()
+                self._log_step(result.loss, lr, time.perf_counter() - self.tick - self.window_eval_s)
+                self.tick, self.window_eval_s = time.perf_counter(), 0.0
             if every is not None and state.step % every == 0:
                 self._save()
             if state.step >= p.total_steps:
@@ -220,25 +242,47 @@ class _Fit:
 
     def _log_step(self, loss: torch.Tensor, lr: float, seconds: float) -> None:
         p = self.p
-        steps = p.train.log_every_steps
-        self.last_loss = _global_mean(loss)
+        steps = max(1, self.window_steps)
+        collective_s, timing = self._window_ranks(loss, steps)
         self.images_per_s = steps * p.train.global_batch / max(seconds, 1e-9)
         stats = getattr(p.train_loader, "stats", {}) or {}
         metrics = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_s": self.images_per_s,
                    "train/loss_scale": p.backend.loss_scale(), "train/epoch": p.state.epoch,
                    "train/skipped_steps": p.state.skipped_steps,
-                   "train/skipped_samples": float(stats.get("skipped_samples", 0)), **self._train_errors()}
+                   "train/skipped_samples": float(stats.get("skipped_samples", 0)), **self._train_errors(), **timing}
         if p.tracker is not None:
             p.tracker.log_metrics(metrics, step=p.state.step)
         self._event("window", step=p.state.step, steps=steps, seconds=seconds, data_wait_s=self.window_data_s,
-                    step_s=self.window_step_s, loss=self.last_loss, images_per_s=self.images_per_s)
+                    step_s=self.window_step_s, collective_s=collective_s, loss=self.last_loss,
+                    images_per_s=self.images_per_s)
         self.window_data_s = self.window_step_s = 0.0
+        self.window_steps = 0
         if p.rank == 0:
             eta_s = (p.total_steps - p.state.step) * seconds / steps
             epochs = math.ceil(p.total_steps / p.steps_per_epoch)
             log.info("step %d/%d (%d%%) epoch %d/%d loss %.4f lr %.4g %.1f img/s ETA %s", p.state.step,
                      p.total_steps, 100 * p.state.step // p.total_steps, p.state.epoch + 1, epochs,
                      self.last_loss, lr, self.images_per_s, _clock(eta_s))
+
+    def _window_ranks(self, loss: torch.Tensor, steps: int) -> tuple[float | None, dict[str, float]]:
+        """Sets the loss averaged over ranks; with a collective clock, through one all_gather that also hands
+        every rank's timing of this window to `rank_times`. Returns this rank's collective seconds (None without
+        a clock) and rank_times' metrics."""
+        p = self.p
+        if p.collective_s is None:
+            self.last_loss = _global_mean(loss)
+            return None, {}
+        clock = p.collective_s()
+        collective_s, self.collective_mark = clock - self.collective_mark, clock
+        mine = torch.tensor([float(loss), self.window_data_s, self.window_step_s, collective_s], dtype=torch.float64,
+                            device=loss.device)
+        table = gather_rows(mine)
+        self.last_loss = float(table[:, 0].mean())
+        if p.rank_times is None:
+            return collective_s, {}
+        rows = [{"rank": rank, "steps": steps, "data_wait_s": row[1], "step_s": row[2], "collective_s": row[3]}
+                for rank, row in enumerate(table.tolist())]
+        return collective_s, p.rank_times(p.state.step, rows)
 
     def _train_errors(self) -> dict[str, float]:
         """Top-1/top-5 error over every rank's batches since the last logged step."""
@@ -262,7 +306,9 @@ class _Fit:
         self._progress("evaluating")
         started = time.perf_counter()
         result = p.evaluate(self._eval_model())
-        self._event("eval", step=p.state.step, seconds=time.perf_counter() - started, top1=result["top1"])
+        seconds = time.perf_counter() - started
+        self.window_eval_s += seconds
+        self._event("eval", step=p.state.step, seconds=seconds, top1=result["top1"])
         p.state.last_top1 = result["top1"]
         p.state.best_top1 = max(p.state.best_top1, result["top1"])
         self.last_eval = {**result, "step": p.state.step}

@@ -28,6 +28,7 @@ from rtrain.distributed.agree import StepAgreement
 from rtrain.distributed.env import detect_env, init_distributed, shutdown_distributed
 from rtrain.distributed.factory import backend_from_config, place_model
 from rtrain.distributed.ray_cluster import HeadWatch
+from rtrain.distributed.waits import CollectiveClock
 from rtrain.distributed.watchdog import StallWatchdog
 from rtrain.engine.ema import ModelEMA
 from rtrain.engine.evaluate import evaluator_from_config
@@ -43,7 +44,9 @@ from rtrain.tracking.null import run_id_from_state
 from rtrain.tracking.events import EventLog, read_events
 from rtrain.tracking.goodput import GoodputMeter, attempt_tags
 from rtrain.tracking.artifacts import layer_response_hook, log_final_weights, track_checkpoints
-from rtrain.tracking.run_info import TAG_HOSTS, describe_run
+from rtrain.tracking.run_info import TAG_HOSTS, describe_run, hosts_by_rank
+from rtrain.tracking.stragglers import StragglerWatch
+from rtrain.tracking.system_metrics import node_metrics, shared_run_id
 
 log = logging.getLogger("rtrain.launch.worker")
 
@@ -82,10 +85,11 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
     total_steps = train.max_steps or math.ceil(train.epochs * epoch_steps)
     schedule = LRSchedule.from_config(recipe.schedule, recipe.peak_lr, epoch_steps, total_steps)
     model = model_from_config(recipe.model, recipe.model.num_classes or len(train_loader.classes), recipe.run.seed)
-    model = place_model(model, recipe.dist, world, device, data.channels_last)
+    clock = CollectiveClock() if recipe.tracking.rank_timing else None
+    model = place_model(model, recipe.dist, world, device, data.channels_last, clock=clock)
     optimizer = optimizer_from_config(model, recipe.optim, lr=schedule.lr_at(0))
     backend = backend_from_config(model, optimizer, device, dist=recipe.dist, precision=recipe.precision,
-                                  train=train, micro_batch=recipe.micro_batch)
+                                  train=train, micro_batch=recipe.micro_batch, clock=clock)
     normalizer = Normalizer(data.mean, data.std, device, data.channels_last)
     manager = open_checkpoints(recipe.checkpoint_dir, keep=recipe.checkpoint.keep, rank=rank, world_size=world,
                                async_save=recipe.checkpoint.async_save, save_tag=watchdog.attempt,
@@ -101,11 +105,12 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
         schedule=schedule, total_steps=total_steps, steps_per_epoch=epoch_steps, checkpointer=manager,
         rank=rank, ema=ModelEMA(model, train.ema_decay) if train.ema_decay else None,
         meta={"recipe_yaml": recipe.to_yaml()}, should_stop=stop_watch.requested, progress=watchdog.beat,
-        events=events.emit)
+        events=events.emit, collective_s=(lambda: clock.seconds) if clock is not None else None)
     loaded = _resume(recipe, manager)
     if loaded is not None:
         _restore(parts, loaded, manager, recipe.run.seed)
-    run_tags = describe_run(world, epoch_steps)  # every rank: it gathers the host names
+    hosts = hosts_by_rank()  # every rank: a collective
+    run_tags = describe_run(world, epoch_steps, hosts)
     quarantine = getattr(train_loader, "quarantine", None)
     if quarantine:
         run_tags["rtrain.quarantined"] = ", ".join(quarantine.names())[:4000]
@@ -129,8 +134,16 @@ def _set_up_and_fit(recipe: Recipe, env: Any, device: torch.device, watchdog: St
                 mlflow=mlflow)
     if meter is not None:
         _report_goodput(meter, parts, events)
+        if clock is not None:
+            watch = StragglerWatch(hosts, recipe.tracking.straggler_fraction, recipe.tracking.straggler_windows,
+                                   lambda found: events.emit("straggler", **found))
+            parts.rank_times = watch.observe
+    tracking = recipe.tracking
+    run_id = shared_run_id(getattr(parts.tracker, "run_id", None)) if tracking.enabled and tracking.system_metrics \
+        else None  # every rank or none: a collective
     try:
-        summary = fit(parts)
+        with node_metrics(tracking, hosts, rank, run_id):  # the first rank of every other host
+            summary = fit(parts)
         if not summary.get("preempted"):
             log_final_weights(parts.tracker, backend.module, recipe.run_dir)
     except BaseException as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -202,8 +203,9 @@ class MlflowTracker:
     def _start_system_metrics(self, interval_s: float) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval_s,
-                                             resume_logging=self._resumes > 0, tracking_uri=self.uri)
+        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval_s,  # node id: as hosts_by_rank
+                                             resume_logging=self._resumes > 0, tracking_uri=self.uri,
+                                             node_id=socket.gethostname())
         self._monitor.start()
 
     def log_params(self, params: Mapping[str, Any]) -> None:

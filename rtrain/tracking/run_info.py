@@ -48,7 +48,8 @@ def git_commit() -> str | None:
     return commit if done.returncode == 0 and len(commit) == 40 else None
 
 
-def _hosts() -> list[str]:
+def hosts_by_rank() -> list[str]:
+    """Every rank's host name, in rank order (a collective: every rank calls it)."""
     import torch.distributed as dist
 
     host = socket.gethostname()
@@ -56,7 +57,7 @@ def _hosts() -> list[str]:
         return [host]
     everyone: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, host)
-    return sorted({h for h in everyone if h})
+    return [str(h) for h in everyone]
 
 
 def _ray_job_id() -> str | None:
@@ -66,9 +67,11 @@ def _ray_job_id() -> str | None:
     return ray.get_runtime_context().get_job_id()
 
 
-def describe_run(world_size: int, steps_per_epoch: int | None = None) -> dict[str, str]:
-    """Tags of this start of the run. Every rank must call it (it gathers the host names)."""
-    tags = {TAG_VERSION: rtrain_version(), TAG_WORLD_SIZE: str(world_size), TAG_HOSTS: ",".join(_hosts())}
+def describe_run(world_size: int, steps_per_epoch: int | None = None, hosts: list[str] | None = None
+                 ) -> dict[str, str]:
+    """Tags of this start of the run. Every rank must call it without `hosts` (then it gathers them)."""
+    hosts = hosts_by_rank() if hosts is None else hosts
+    tags = {TAG_VERSION: rtrain_version(), TAG_WORLD_SIZE: str(world_size), TAG_HOSTS: ",".join(sorted(set(hosts)))}
     if steps_per_epoch:
         tags[TAG_STEPS_PER_EPOCH] = str(steps_per_epoch)  # `rtrain compare` plots against epochs with it
     if commit := git_commit():

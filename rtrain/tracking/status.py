@@ -21,6 +21,7 @@ from typing import Any
 
 from rtrain.tracking.events import LOGS_DIR, read_events
 from rtrain.tracking.goodput import LOSSES, Attempt, attempts_of, summarize
+from rtrain.tracking.stragglers import breakdown, dominated, own_seconds
 
 HEARTBEATS = "heartbeats"
 ALIVE_S = 15.0  # a live rank's watchdog thread rewrites its heartbeat every 5 s at most
@@ -38,6 +39,8 @@ class RankWindow:
     seconds: float
     data_wait_s: float
     step_s: float
+    collective_s: float = 0.0
+    steps: int = 1
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Status:
     checkpoint: str | None
     slowest: RankWindow | None
     mlflow: dict[str, Any] = field(default_factory=dict)
+    straggler: dict[str, Any] | None = None  # the current attempt's newest straggler warning
 
 
 def read_status(run_dir: str | os.PathLike, now: float | None = None) -> Status:
@@ -73,7 +77,9 @@ def read_status(run_dir: str | os.PathLike, now: float | None = None) -> Status:
     running = state == "running"
     return Status(run_dir, state, detail, current.step, total, _rate(records, current.token), attempts,
                   summarize(records, now=now if running else None), _newest_checkpoint(records),
-                  _slowest(logs), start.get("mlflow") if isinstance(start.get("mlflow"), dict) else {})
+                  _slowest(logs), start.get("mlflow") if isinstance(start.get("mlflow"), dict) else {},
+                  next((r for r in reversed(records) if r.get("event") == "straggler"
+                        and r.get("attempt") == current.token), None))
 
 
 def _state(run_dir: Path, current: Attempt, now: float) -> tuple[str, str]:
@@ -140,7 +146,8 @@ def _newest_checkpoint(records: list[dict[str, Any]]) -> str | None:
 
 
 def _slowest(logs: Path) -> RankWindow | None:
-    """Of every rank's newest window, the one whose rank spent longest in its own data wait and steps."""
+    """Of every rank's newest window, the one whose rank needed longest itself (rtrain.tracking.stragglers:
+    data wait and compute, not its wait for the others)."""
     windows = []
     for path in sorted(logs.glob("rank-*.jsonl"))[:4096]:
         last = next((r for r in reversed(read_events(path, max_bytes=1 << 20)) if r.get("event") == "window"),
@@ -148,8 +155,9 @@ def _slowest(logs: Path) -> RankWindow | None:
         if last is not None:
             windows.append(RankWindow(int(last.get("rank", -1)), str(last.get("host", "?")), int(last.get("step", 0)),
                                       float(last.get("seconds") or 0), float(last.get("data_wait_s") or 0),
-                                      float(last.get("step_s") or 0)))
-    return max(windows, key=lambda w: w.data_wait_s + w.step_s, default=None)
+                                      float(last.get("step_s") or 0), float(last.get("collective_s") or 0),
+                                      max(1, int(last.get("steps") or 1))))
+    return max(windows, key=lambda w: own_seconds(vars(w)), default=None)
 
 
 def render(status: Status) -> str:
@@ -173,16 +181,25 @@ def render(status: Status) -> str:
         lines.append(f"lost        {lost}; unaccounted {_span(figures['lost/unaccounted'])}")
     lines.append(f"checkpoint  {status.checkpoint or 'none yet'}")
     if status.slowest is not None:
-        slow = status.slowest
-        what = "data wait" if slow.data_wait_s > slow.step_s else "its steps"
-        lines.append(f"slowest     rank {slow.rank} on {slow.host} at step {slow.step}: data wait "
-                     f"{slow.data_wait_s:.2f} s, steps {slow.step_s:.2f} s of a {slow.seconds:.2f} s window "
-                     f"({what} dominated)")
+        slow, row = status.slowest, vars(status.slowest)
+        parts = breakdown(row)
+        lines.append(f"slowest     rank {slow.rank} on {slow.host} at step {slow.step}: {own_seconds(row):.3f} s "
+                     f"per step of its own (data wait {parts['data wait']:.3f}, compute {parts['compute']:.3f}; "
+                     f"collective wait {parts['collective wait']:.3f}; {dominated(row)} dominated)")
     if status.mlflow.get("run_id"):
         uri = status.mlflow.get("uri", "")
         lines.append(f"mlflow      run {status.mlflow['run_id']} (experiment {status.mlflow.get('experiment')!r}) at "
                      f"{uri}: mlflow ui --backend-store-uri {uri}")
+    if status.straggler is not None:
+        found = status.straggler
+        lines.append(f"straggler   rank {found.get('straggler')} on {str(found.get('straggler_host'))[:100]} named at "
+                     f"step {found.get('step')}: {_number(found.get('seconds_per_step'))} s per step against the "
+                     f"others' {_number(found.get('median_s'))} s ({str(found.get('dominated'))[:40]} dominated)")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
 def _iso(seconds: float) -> str:

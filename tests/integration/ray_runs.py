@@ -4,9 +4,12 @@ Ray Train's worker processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,3 +119,51 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
 def pids_gone(pids: list[int]) -> bool:
     alive = {pid for pid, _, args in processes() if "<defunct>" not in args}
     return not (set(pids) & alive)
+
+
+class LoaderPulses:
+    """Slows one rank's loader for real: SIGSTOP/SIGCONT pulses to the processes below that rank (its
+    DataLoader workers; the rank's pid is in its log's attempt record) until the block ends. Everything
+    stopped is continued again."""
+
+    def __init__(self, run_dir: Path, rank: int, stop_s: float = 2.5, run_s: float = 0.02):
+        self.log = run_dir / "logs" / f"rank-{rank}.jsonl"
+        self.stop_s, self.run_s = stop_s, run_s
+        self.pulses = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._pulse, daemon=True)
+
+    def __enter__(self) -> LoaderPulses:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(30)
+
+    def _records(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in self.log.read_text().splitlines() if line.endswith("}")]
+        except (OSError, ValueError):
+            return []
+
+    def _pulse(self) -> None:
+        rank_pid = None
+        while not self._done.is_set():
+            if rank_pid is None:
+                rank_pid = next((r["pid"] for r in self._records() if r.get("event") == "attempt"), None)
+            stopped = descendants(rank_pid) if rank_pid is not None else []
+            for pid in stopped:
+                _signal(pid, signal.SIGSTOP)
+            self.pulses += bool(stopped)
+            self._done.wait(self.stop_s)
+            for pid in stopped:
+                _signal(pid, signal.SIGCONT)
+            self._done.wait(self.run_s)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -14,8 +14,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from ray_runs import (
     REPO,
+    LoaderPulses,
     checkpoint_steps,
     final_weights,
     launch_command,
@@ -26,6 +28,7 @@ from ray_runs import (
 )
 
 from cluster.local import ray_head
+from rtrain.tracking.events import read_events
 from cluster.local.procs import pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,19 +81,38 @@ def _status(head, job_id: str) -> str:
     return _job_info(head, job_id)["status"]
 
 
-def test_ray_job_submit_runs_the_launcher_on_the_head(head, digits_shards, tmp_path):
+def test_ray_job_submit_runs_the_launcher_on_the_head_with_goodput_and_names_a_slowed_rank(head, digits_shards,
+                                                                                          tmp_path):
+    """Also the Ray launcher's goodput figures, and a straggler made for real: rank 1's loader worker is
+    stopped (SIGSTOP) for 2.5 s at a time, so rank 1 waits for data while rank 0 waits for rank 1."""
     job_id = f"rtrain-test-{uuid.uuid4().hex[:8]}"
-    submitted = _job(head, "submit", "--submission-id", job_id, "--working-dir", str(REPO), "--",
-                     "python", "-m", "rtrain.launch", "recipes/quickstart.yaml",
-                     *quickstart_overrides(digits_shards, tmp_path, "job", 6))
+    with LoaderPulses(tmp_path / "job", rank=1) as pulses:
+        submitted = _job(head, "submit", "--submission-id", job_id, "--working-dir", str(REPO), "--",
+                         "python", "-m", "rtrain.launch", "recipes/quickstart.yaml",
+                         *quickstart_overrides(digits_shards, tmp_path, "job", 12, "tracking.straggler_windows=2"))
     assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-5000:]
-    assert _status(head, job_id) == "SUCCEEDED"
+    assert _status(head, job_id) == "SUCCEEDED" and pulses.pulses >= 3
     logs = _job(head, "logs", job_id).stdout
     assert "Started a local Ray instance" not in logs  # attached to the head's cluster, no second Ray
-    assert "rtrain: finished 'job': step 6/6" in logs
-    assert final_weights(tmp_path, "job", 6)
+    assert "rtrain: finished 'job': step 12/12" in logs
+    assert final_weights(tmp_path, "job", 12)
     [run] = mlflow_runs(tmp_path, "job")
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.data.tags["rtrain.attempt.1"].startswith("finished; ")
+    metrics = run.data.metrics
+    wall = metrics["goodput/wall_s"]
+    named = sum(metrics[f"lost/{k}"] for k in ("startup", "eval", "data_wait", "checkpoint_blocking"))
+    assert metrics["goodput"] * wall + named + metrics["lost/unaccounted"] == pytest.approx(wall)
+    assert metrics["lost/restart"] == 0 and metrics["lost/recomputed"] == 0
+    # rank 0 waited for the slowed rank in collectives: its own data wait stays small
+    assert metrics["lost/data_wait"] < 0.1 * wall
+    [straggler] = [r for r in read_events(tmp_path / "job" / "logs" / "rank-0.jsonl") if r["event"] == "straggler"]
+    assert straggler["straggler"] == 1 and straggler["dominated"] == "data wait", straggler
+    assert straggler["seconds_per_step"] > 1.3 * straggler["median_s"]
+    assert f"rank 1 on {straggler['straggler_host']} is a straggler" in logs and "data wait dominated" in logs
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    slowest = client.get_metric_history(run.info.run_id, "step_time/slowest_rank")
+    assert [m.step for m in slowest] == [3, 6, 9, 12] and [m.value for m in slowest][1:3] == [1.0, 1.0]
+    assert metrics["step_time/max"] > metrics["step_time/p50"]
 
 
 def test_ray_job_stop_ends_the_run_and_leaves_no_process(head, digits_shards, tmp_path):

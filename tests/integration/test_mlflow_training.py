@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,10 @@ def test_run_records_params_tags_metrics_artifacts(straight, client):
         assert metric_steps(client, run_id, key) == every_step, key
     for key in ("val/top1_error", "val/top5_error", "val/loss"):
         assert metric_steps(client, run_id, key) == [11, STEPS], key
-    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+    # one node id per host: both ranks run here, so one monitor (rank 0's) under this host's name
+    nodes = {key.split("/")[1] for key in run.data.metrics if key.startswith("system/")}
+    assert nodes == {socket.gethostname()} and f"system/{socket.gethostname()}/cpu_utilization_percentage" in \
+        run.data.metrics
     artifacts = artifact_paths(client, run_id)
     for step in (5, 10, STEPS):
         assert f"checkpoints/step-{step:09d}/MANIFEST.json" in artifacts
