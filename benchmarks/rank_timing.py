@@ -69,7 +69,8 @@ def _rank(rank: int, args: argparse.Namespace, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    recipe = Recipe().with_overrides([f"train.global_batch={2 * args.batch}", f"train.log_every_steps={args.log_every}"])
+    recipe = Recipe().with_overrides([f"train.global_batch={2 * args.batch}",
+                                      f"train.log_every_steps={args.log_every}"])
     clock = CollectiveClock()
     plain, timed = _trainer(args, None), _trainer(args, clock)
 

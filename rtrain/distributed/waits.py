@@ -5,7 +5,8 @@ is slow: a fast rank spends the difference blocked in a collective, waiting for 
 adds up those blocked seconds where they happen: each of rtrain's SyncBN all_reduces (forward and backward),
 DDP's buffer broadcast at the start of its forward (from DDP's forward to the wrapped module's, timed by a
 forward pre-hook), and DDP's gradient wait at the end of the backward pass (from this rank's last gradient to
-the end of the all_reduces, timed by a post-accumulate-grad hook). A rank's own time is then its data wait plus its steps
+the end of the all_reduces, timed by a post-accumulate-grad hook). A rank's own time is then its data wait
+plus its steps
 minus this. What it measures includes the transfer itself, which is the same on every rank; NCCL's
 asynchronous kernels are timed by when the host gets past them (a CUDA rank syncs in DDP's finalize).
 """
