@@ -6,9 +6,8 @@ adds up those blocked seconds where they happen: each of rtrain's SyncBN all_red
 DDP's buffer broadcast at the start of its forward (from DDP's forward to the wrapped module's, timed by a
 forward pre-hook), and DDP's gradient wait at the end of the backward pass (from this rank's last gradient to
 the end of the all_reduces, timed by a post-accumulate-grad hook). A rank's own time is then its data wait
-plus its steps
-minus this. What it measures includes the transfer itself, which is the same on every rank; NCCL's
-asynchronous kernels are timed by when the host gets past them (a CUDA rank syncs in DDP's finalize).
+plus its steps minus this. What it measures includes the transfer itself, which is the same on every rank;
+NCCL's asynchronous kernels are timed by when the host gets past them (a CUDA rank syncs in DDP's finalize).
 """
 
 from __future__ import annotations
