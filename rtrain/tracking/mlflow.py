@@ -203,9 +203,8 @@ class MlflowTracker:
     def _start_system_metrics(self, interval_s: float) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval_s,  # node id: as hosts_by_rank
-                                             resume_logging=self._resumes > 0, tracking_uri=self.uri,
-                                             node_id=socket.gethostname())
+        self._monitor = SystemMetricsMonitor(self._run_id, sampling_interval=interval_s, node_id=socket.gethostname(),
+                                             resume_logging=self._resumes > 0, tracking_uri=self.uri)
         self._monitor.start()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
