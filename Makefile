@@ -12,7 +12,7 @@ DEGRADATION_DIR ?= out/degradation
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: demo test test-fast install clean reproduce-degradation
+.PHONY: demo test test-fast install clean reproduce-degradation docs
 
 install: $(STAMP)
 
@@ -59,5 +59,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not integration"
 
+# The reference pages (docs/reference/: recipe keys, CLI, exit codes, environment) regenerated from the code, then
+# the documentation site (MkDocs, strict: a broken link fails) in site/. `make test` checks both.
+docs: $(STAMP)
+	$(PY) -m rtrain.commands.reference docs/reference
+	$(PY) -m mkdocs build --strict -q -d site
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache site

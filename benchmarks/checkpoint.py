@@ -74,7 +74,8 @@ def latest_s(root: Path, step: int) -> float:
     return elapsed
 
 
-def run(model_name: str, device: str, repeats: int, scratch: Path) -> None:
+def run(model_name: str, device: str, repeats: int, scratch: Path) -> tuple[dict[str, float], int]:
+    """Prints the table; returns (median seconds per timing, checkpoint bytes)."""
     shared, per_rank = training_state(model_name, device), {"rng": capture_rng_state()}
     params = sum(t.numel() for t in shared["model"].values())
     # one manager per mode, as in training; a first save warms it (async keeps its host buffers)
@@ -111,6 +112,7 @@ def run(model_name: str, device: str, repeats: int, scratch: Path) -> None:
     print(f"latest() verify+load {megabytes / median['latest']:8.1f} MB/s  ({median['latest']:.3f} s)")
     print(f"ratio sync_save_vs_plain_write_MBps={median['plain'] / median['sync']:.3f} "
           f"async_vs_sync_blocking={median['async_block'] / median['sync_block']:.3f}")
+    return median, total_bytes
 
 
 def main() -> None:

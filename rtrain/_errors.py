@@ -19,3 +19,10 @@ def one_line(exc: BaseException) -> str:
 
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return redact_url(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+
+
+def error_lines(text: str) -> str:
+    """An expected failure as the CLIs print it: one `rtrain: ...` line per problem (blank lines dropped,
+    indentation trimmed, a leading `rtrain: ` not doubled)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "\n".join(line if line.startswith("rtrain: ") else f"rtrain: {line}" for line in lines)

@@ -1,18 +1,29 @@
-"""`rtrain` console script: launch | validate | models | bench | eval | export | compare | reproduce
+"""`rtrain` console script: launch | validate | recipes | recipe-keys | models | status | compare | bench | eval |
+export | reproduce.
 
-Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models`
-does not pay for Ray or MLflow imports. `eval` and `export` (rtrain.commands) end an expected failure
-(a missing or damaged checkpoint, missing data, a model without a torchvision layout) with one
-`rtrain: ...` line on stderr and exit code 2; so does `reproduce` (runs the paper's degradation experiment
-through real launches). `compare` does the same for a store, experiment or metric it cannot read, and exits 1
-(one line) when no run matches. `bench` measures a recipe's loader and training step on this machine and names
-the bottleneck; a recipe or data problem ends it with one line and exit code 2.
+Each subcommand parses its own arguments and imports its implementation lazily, so `rtrain models` does not pay
+for Ray or MLflow imports. What each says in --help beyond its flags (description, examples, exit codes) is in
+rtrain.commands.help_text. Every expected failure (a bad recipe or argument, missing data, a damaged checkpoint,
+a store it cannot read) is one `rtrain: ...` line per problem on stderr and exit code 2 (`compare`: 1 when no
+run matches); `launch` keeps the launcher's codes (rtrain.commands.help_text.EXIT_CODES).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from rtrain.commands.arguments import OneLineParser
+
+
+def _failure(exc: BaseException, code: int = 2) -> int:
+    from rtrain._errors import error_lines
+    from rtrain.config import RecipeError
+    from rtrain.config.redact import redact_url
+
+    text = str(exc) if isinstance(exc, RecipeError) else " ".join(str(exc).split())  # one line, whatever it held
+    print(error_lines(redact_url(text)), file=sys.stderr)
+    return code
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -32,42 +43,42 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from rtrain.config import RecipeError, load_recipe
+    from rtrain.launch.preflight import PreflightError, preflight
+    from rtrain.launch.recipe import check_model_name, prepare_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        check_model_name(recipe)
         if not args.schema_only:
-            from rtrain.launch.preflight import PreflightError, preflight
-            from rtrain.launch.recipe import prepare_recipe
-
-            preflight(prepare_recipe(recipe))
-    except RecipeError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except PreflightError as exc:
-        print("\n".join(f"rtrain: {line}" for line in exc.problems), file=sys.stderr)
-        return 2
+            preflight(prepare_recipe(recipe), create=False)
+    except (RecipeError, PreflightError) as exc:
+        return _failure(exc if isinstance(exc, RecipeError) else RecipeError(str(exc)))
     print(recipe.to_yaml(), end="")
     return 0
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    from rtrain.launch import main as launch_main
+    from rtrain.launch.early import install_early_handlers
 
-    return launch_main([args.recipe, *args.overrides])
+    install_early_handlers()  # as `python -m rtrain.launch` does, before the imports that take seconds
+    from rtrain.launch.entry import run
+
+    return run(args)
 
 
-def _run_checkpoint_command(run, args: argparse.Namespace) -> int:
-    from rtrain.checkpoint import CheckpointError
-    from rtrain.commands.checkpoint_source import CommandError
-    from rtrain.config import RecipeError
-    from rtrain.data import DecodeError, SampleError, ShardError
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from rtrain.commands.catalog import run_recipes
+
+    return run_recipes(args)
+
+
+def _cmd_recipe_keys(args: argparse.Namespace) -> int:
+    from rtrain.commands.catalog import run_recipe_keys
 
     try:
-        return run(args)
-    except (CommandError, CheckpointError, RecipeError, ShardError, SampleError, DecodeError, OSError) as exc:
-        message = " ".join(str(exc).split())  # one line, whatever the exception held
-        print(f"rtrain: {message}", file=sys.stderr)
-        return 2
+        return run_recipe_keys(args)
+    except ValueError as exc:
+        return _failure(exc)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -82,15 +93,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return _run_checkpoint_command(export_checkpoint.run, args)
 
 
+def _run_checkpoint_command(run, args: argparse.Namespace) -> int:
+    from rtrain.checkpoint import CheckpointError
+    from rtrain.commands.checkpoint_source import CommandError
+    from rtrain.config import RecipeError
+    from rtrain.data import DecodeError, SampleError, ShardError
+
+    try:
+        return run(args)
+    except (CommandError, CheckpointError, RecipeError, ShardError, SampleError, DecodeError, OSError) as exc:
+        return _failure(exc)
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from rtrain.commands import degradation_report, reproduce
 
     try:
         return reproduce.run(args)
     except (reproduce.ReproduceError, degradation_report.ReportError, OSError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"rtrain: {message}", file=sys.stderr)
-        return 2
+        return _failure(exc)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -101,8 +122,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         return bench.run(args)
     except (bench.BenchError, RecipeError, ShardError, SampleError, DecodeError, OSError) as exc:
-        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _failure(exc)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -112,11 +132,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         return compare_runs.run(args)
     except NoRunsError as exc:
-        print(f"rtrain: {exc}", file=sys.stderr)
-        return 1
+        return _failure(exc, 1)
     except (CompareError, OSError) as exc:
-        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _failure(exc)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -134,68 +152,68 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(args.watch)
     except StatusError as exc:
-        print(f"rtrain: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _failure(exc)
     except KeyboardInterrupt:
         return 0
 
 
-def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
-    from rtrain.commands.arguments import (  # imports no torch
-        add_bench_arguments,
-        add_compare_arguments,
-        add_eval_arguments,
-        add_export_arguments,
-        add_reproduce_arguments,
-    )
-
-    p = sub.add_parser("bench", help="a recipe's loader img/s and training step img/s on this machine, and which "
-                       "one is the bottleneck")
-    add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
-    p = sub.add_parser("eval", help="top-1/top-5 error of a checkpoint on the val split (center, 10-crop, "
-                       "multi-scale)")
-    add_eval_arguments(p)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("export", help="a checkpoint's weights as a torchvision state dict")
-    add_export_arguments(p)
-    p.set_defaults(func=_cmd_export)
-    p = sub.add_parser("reproduce", help="reproduce a finding of the paper with real runs: degradation "
-                       "(plain vs ResNet 20/56 on digits; table + Fig. 6-style curves)")
-    add_reproduce_arguments(p)
-    p.set_defaults(func=_cmd_reproduce)
-    p = sub.add_parser("compare", help="MLflow runs side by side: differing recipe keys, final/best metrics, "
-                       "a PNG of their curves in the paper's style")
-    add_compare_arguments(p)
-    p.set_defaults(func=_cmd_compare)
-    p = sub.add_parser("status", help="a run at a glance, live or ended: state, step and ETA, attempts, goodput, "
-                       "newest checkpoint, slowest rank, MLflow run (read-only)")
+def _status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the run directory (run.output_root/run.name)")
     p.add_argument("--watch", type=float, nargs="?", const=5.0, default=0.0, metavar="SECONDS",
                    help="redraw every SECONDS (5) until the run is no longer running")
-    p.set_defaults(func=_cmd_status)
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    from rtrain.commands.arguments import add_recipe_arguments
+
+    add_recipe_arguments(p)
+    p.add_argument("--schema-only", action="store_true", help="check the recipe itself only (keys, values, "
+                   "model name), not its data, output root or tracking server")
+
+
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("table", "csv"), default="table", help="how the list is printed "
+                   "(default table)")
+
+
+def _commands() -> dict:
+    """name -> (run, add its arguments); the order of `rtrain --help`."""
+    from rtrain.commands import arguments as a
+    from rtrain.commands import catalog as c
+
+    return {"launch": (_cmd_launch, a.add_launch_arguments), "validate": (_cmd_validate, _validate_arguments),
+            "recipes": (_cmd_recipes, c.add_recipes_arguments),
+            "recipe-keys": (_cmd_recipe_keys, c.add_recipe_keys_arguments),
+            "models": (_cmd_models, _models_arguments), "status": (_cmd_status, _status_arguments),
+            "compare": (_cmd_compare, a.add_compare_arguments), "bench": (_cmd_bench, a.add_bench_arguments),
+            "eval": (_cmd_eval, a.add_eval_arguments), "export": (_cmd_export, a.add_export_arguments),
+            "reproduce": (_cmd_reproduce, a.add_reproduce_arguments)}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("rtrain")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtrain", description="Distributed ResNet training.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from rtrain.commands.help_text import COMMANDS, epilog, main_epilog
 
-    p = sub.add_parser("models", help="list registered models with parameters and multiply-adds")
-    p.add_argument("--format", choices=("table", "csv"), default="table")
-    p.set_defaults(func=_cmd_models)
-
-    for name, func, help_text in (
-        ("validate", _cmd_validate, "validate a recipe, check what it needs (preflight), print it resolved"),
-        ("launch", _cmd_launch, "run a recipe (same as python -m rtrain.launch)"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
-        if name == "validate":
-            p.add_argument("--schema-only", action="store_true",
-                           help="check the recipe itself only, not its data, output root, tracking server")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = OneLineParser(prog="rtrain", formatter_class=raw, epilog=main_epilog(),
+                           description="Distributed ResNet training: recipes, launches, runs, checkpoints.")
+    parser.add_argument("--version", action="version", version=f"rtrain {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, add_arguments) in _commands().items():
+        info = COMMANDS[name]
+        p = sub.add_parser(name, help=info.summary, description=info.description, epilog=epilog(name),
+                           formatter_class=raw)
+        add_arguments(p)
         p.set_defaults(func=func)
-    _add_checkpoint_commands(sub)
     return parser
 
 

@@ -2,7 +2,8 @@
 two slurmd "nodes" (n1, n2, both 127.0.0.1 on their own ports), started in the foreground by PID.
 
     python -m cluster.local.slurm start --dir /tmp/rtrain-slurm     # prints `export SLURM_CONF=...`
-    SLURM_CONF=/tmp/rtrain-slurm/slurm.conf sbatch -N 2 cluster/slurm/rtrain.sbatch recipes/quickstart.yaml
+    SLURM_CONF=/tmp/rtrain-slurm/slurm.conf sbatch -N 2 --gpus-per-node=0 cluster/slurm/rtrain.sbatch \
+        recipes/quickstart.yaml   # the nodes have no GPUs: =0 replaces the scripts' default of 8
     python -m cluster.local.slurm stop --dir /tmp/rtrain-slurm
 
 Needs root, the Debian packages `slurmctld slurmd slurm-client munge` (SLURM 22.05) and munged running

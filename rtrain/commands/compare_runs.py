@@ -16,9 +16,17 @@ def layer_response_path(out: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    client, uri = compare.open_store(args.tracking_uri or compare.default_uri())
+    from mlflow.exceptions import MlflowException
+
+    uri = args.tracking_uri or compare.default_uri()
     keys = compare.metric_keys(args.metrics)
-    runs = [compare.load_curves(client, r, keys) for r in compare.find_runs(client, uri, args.experiment, args.runs)]
+    try:
+        client, uri = compare.open_store(uri)
+        found = compare.find_runs(client, uri, args.experiment, args.runs)
+    except MlflowException as exc:  # a store MLflow refuses or cannot read: one line, not its traceback
+        first = next((line for line in str(exc.message).splitlines() if line.strip()), type(exc).__name__)
+        raise compare.CompareError(f"--tracking-uri {uri}: {first.split('. ')[0]}") from None
+    runs = [compare.load_curves(client, r, keys) for r in found]
     header, rows = compare.table_rows(runs, keys)
     print(compare.render(header, rows, args.format), end="")
     if args.out:

@@ -3,6 +3,12 @@
 The model is rebuilt from the recipe stored with the checkpoint; the data is the recipe's (or --data's) val
 split, read by the same loader as training-time evaluation (center, ten_crop) or as whole images
 (multi_scale). One process: CUDA if there is one (with the recipe's precision), else the CPU in fp32.
+
+The views are sized to the model's input (data.image_size), as timm sizes its eval transform to the model:
+ten_crop cuts image_size patches from the data.eval_resize square where that fits (1x to 2x the crop), and from
+a square of image_size x 256/224 where the recipe's CIFAR transform never used eval_resize (a 32-px model: 36);
+multi_scale defaults to the paper's scales times image_size / 224. A view that still does not fit is named in a
+warning on stderr, one that cannot be cut at all (a square smaller than the crop) is refused (exit code 2).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from rtrain.commands.checkpoint_source import CheckpointModel, CommandError, loa
 from rtrain.config import PrecisionConfig
 from rtrain.data import build_eval_loader
 from rtrain.data.sources import ShardSource
-from rtrain.engine.eval_views import PAPER_SCALES
+from rtrain.engine.eval_views import scales_for, scales_note, ten_crop_square
 from rtrain.engine.evaluate import evaluate
 from rtrain.engine.step import Normalizer
 
@@ -46,9 +52,15 @@ def _evaluate(source: CheckpointModel, args: argparse.Namespace) -> dict[str, An
         print(f"rtrain eval: data.backend={recipe.data.backend} is a training loader; reading with rtrain's "
               "webdataset loader", file=sys.stderr)
     data = recipe.data.model_copy(update={"source": args.data or recipe.data.source, "backend": "webdataset"})
-    if args.mode == "ten_crop" and data.eval_resize < data.image_size:
-        raise CommandError(f"ten_crop: data.eval_resize={data.eval_resize} is smaller than the crop "
-                           f"data.image_size={data.image_size}")
+    notes: list[str | None] = []
+    square = None
+    if args.mode == "ten_crop":  # fails before any data is read where the 10 crops cannot be cut
+        try:
+            fit = ten_crop_square(data.image_size, data.eval_resize, data.eval_transform)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        square = fit.side
+        notes.append(fit.note)
     try:
         shards = ShardSource(data.source, data.val_split, data.storage_options, data.allowed_shard_roots)
         manifest = shards.read_manifest()
@@ -62,7 +74,11 @@ def _evaluate(source: CheckpointModel, args: argparse.Namespace) -> dict[str, An
     if count == 0:
         raise CommandError(f"{data.source}/{data.val_split}: the split has no samples")
     batch = min(args.batch_size or recipe.eval.batch_size or recipe.micro_batch, count)
-    scales = args.scales or list(recipe.eval.scales) or list(PAPER_SCALES)
+    scales = args.scales or list(recipe.eval.scales) or scales_for(data.image_size)
+    if args.mode == "multi_scale":
+        notes.append(scales_note(data.image_size, scales))
+    for note in filter(None, notes):
+        print(f"rtrain eval: {note}", file=sys.stderr)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = recipe.precision if device.type == "cuda" else PrecisionConfig(dtype="fp32")
     loader = build_eval_loader(data, data.val_split, mode=args.mode, rank=0, world_size=1, batch_size=batch,
@@ -74,14 +90,17 @@ def _evaluate(source: CheckpointModel, args: argparse.Namespace) -> dict[str, An
                       crop=data.image_size, scales=scales)
     return {"checkpoint": str(source.loaded.path), "step": source.loaded.step, "model": recipe.model.name,
             "data": f"{data.source.rstrip('/')}/{data.val_split}", "mode": args.mode,
-            "scales": scales if args.mode == "multi_scale" else None, "device": device.type,
+            "scales": scales if args.mode == "multi_scale" else None, "image_size": data.image_size,
+            "ten_crop_square": square, "device": device.type,
             "precision": precision.dtype, "images": int(result["samples"]),
             "skipped": int(loader.stats.get("skipped_samples", 0)), "top1_error": result["top1_error"],
             "top5_error": result["top5_error"], "loss": result["loss"]}
 
 
 def print_report(report: dict[str, Any]) -> None:
-    views = {"center": "one view", "ten_crop": "10 crops, softmax averaged",
+    views = {"center": "one view",
+             "ten_crop": f"10 crops of {report['image_size']} px from a {report['ten_crop_square']}-px square and "
+                         "their mirrors, softmax averaged",
              "multi_scale": f"whole image + mirror at shorter sides {report['scales']}, softmax averaged"}
     print(f"checkpoint   {report['checkpoint']} (step {report['step']}, {report['model']})")
     print(f"data         {report['data']}: {report['images']} images ({report['skipped']} skipped), "

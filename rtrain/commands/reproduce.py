@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rtrain.config.named import RECIPES_DIR
+
 NETS = ("plain20", "plain56", "resnet20", "resnet56")
 QUICK_NETS = ("plain20", "resnet20")
 QUICK_EPOCHS = 2
@@ -80,12 +82,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if args.epochs is not None and args.epochs < 1:
         raise ReproduceError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out or ("out/degradation-quick" if args.quick else "out/degradation")).resolve()
-    recipes = Path(args.recipes).resolve()
+    recipes = Path(args.recipes).resolve() if args.recipes else RECIPES_DIR / "degradation"
     nets = QUICK_NETS if args.quick else NETS
     missing = [str(recipes / f"{net}.yaml") for net in nets if not (recipes / f"{net}.yaml").is_file()]
     if missing:
-        raise ReproduceError(f"--recipes {args.recipes}: no recipe {', '.join(missing)} (run from the "
-                             "repository root or give --recipes DIR)")
+        raise ReproduceError(f"--recipes {args.recipes or recipes}: no recipe {', '.join(missing)}")
     data = Path(args.data).resolve() if args.data else out / "shards"
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else None)
     return Plan(out=out, recipes=recipes, data=data, prepare_data=args.data is None, nets=nets, epochs=epochs)

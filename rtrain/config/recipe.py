@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from rtrain.config.named import recipe_path
 from rtrain.config.redact import drop_redacted, redact_tree
 from rtrain.config.sections import (
     AnalysisConfig,
@@ -200,18 +201,37 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
+def _unknown_key(loc: tuple[str, ...], given: Any) -> str:
+    """What a key the schema does not have gets: the closest valid key, and every valid key of its section."""
+    import difflib
+
+    from rtrain.config.reference import section_keys
+
+    valid = section_keys(loc[:-1]) or []
+    where = ".".join(loc[:-1]) or "the recipe's top level"
+    close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+    hint = f"did you mean {'.'.join((*loc[:-1], close[0]))}? " if close else ""
+    shown = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+    return (f"not a recipe key (got {shown}); {hint}valid keys of {where}: {', '.join(valid)} (`rtrain recipe-keys` "
+            "lists them all)")
+
+
 def _format_errors(exc: ValidationError, where: str) -> str:
+    """One line per problem, `WHERE: KEY: why (got VALUE)`: the CLIs print each as one `rtrain: ...` line."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
-        if key:
+        if err["type"] == "extra_forbidden" and loc:
+            lines.append(f"{where}: {key}: {_unknown_key(loc, err.get('input'))}")
+        elif key:
             shown = err.get("input")
             extra = "" if msg.startswith(key) else f" (got {shown!r})"
-            lines.append(f"  {key}: {msg}{extra}")
+            lines.append(f"{where}: {key}: {msg}{extra}")
         else:
-            lines.append(f"  {msg}")
-    return f"{where}: invalid recipe\n" + "\n".join(lines)
+            lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
 
 
 def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
@@ -224,11 +244,13 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
+    """The recipe in file `path`, or the packaged recipe of that name (rtrain.config.named), with overrides."""
+    path = recipe_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        hint = "" if "/" in str(path) or path.suffix else "; `rtrain recipes` lists the packaged recipes by name"
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror}){hint}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
     raw = {} if raw is None else raw

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_BASE_LR_PER_256 = 0.1
+RELATIVE = (" A relative path is relative to the folder the launch starts in (the resolved recipe records it "
+            "absolute).")
 
 
 class Section(BaseModel):
@@ -30,7 +32,8 @@ class RunConfig(Section):
     name: str = Field("rtrain", min_length=1, description="Run name: the MLflow run name and the folder under "
                       "run.output_root that holds the run's outputs; a plain name (no '/', not '.' or '..').")
     seed: int = Field(0, ge=0, description="Seed of every RNG stream (model init, shuffling, augmentation).")
-    output_root: str = Field("runs", description="Folder under which run outputs (checkpoints, summaries) go.")
+    output_root: str = Field("runs", description="Folder under which run outputs (checkpoints, summaries) go."
+                             + RELATIVE)
 
     @field_validator("output_root")
     @classmethod
@@ -71,7 +74,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     source: str = Field("data/digits-shards", description="Shard root (local path, http(s):// URL prefix, or an "
                         "fsspec URL such as s3://bucket/prefix) holding <split>/manifest.json (the shards are "
-                        "beside it unless the manifest names a shard_root).")
+                        "beside it unless the manifest names a shard_root)." + RELATIVE)
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for s3:// and other fsspec sources, passed as is "
         "(e.g. {endpoint_url: http://minio:9000} or {anon: true}). Credentials and the endpoint normally come from "
@@ -272,7 +275,7 @@ IDENTITY_KEYS = ("model.name", "model.shortcut", "model.stride_in", "model.num_c
 class CheckpointConfig(Section):
     dir: str | None = Field(None, description="Checkpoint root: a folder, or an object-store URL (s3://bucket/"
                             "prefix; credentials from the standard environment); None = <output_root>/<name>/"
-                            "checkpoints.")
+                            "checkpoints." + RELATIVE)
     every_steps: int | None = Field(None, ge=1, description="Save every this many steps (None = per epoch).")
     keep: int = Field(3, ge=1, description="Keep this many newest complete checkpoints.")
     async_save: bool = Field(False, description="Snapshot to memory, write in a background thread.")
@@ -314,7 +317,9 @@ LOG_CHECKPOINTS_FROM_BOOL = {False: "none", True: "upload"}  # the field's forme
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log params, metrics and checkpoints to MLflow (rank 0 only).")
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or server URL).")
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI: a server URL, a database URL or "
+                     "sqlite:///FILE (sqlite:///mlflow.db is mlflow.db in the folder the launch starts in; "
+                     "sqlite:////abs/path is absolute).")
     experiment: str = Field("rtrain", description="MLflow experiment name.")
     connect_timeout_s: float = Field(
         10.0, gt=0, description="Preflight: how long the tracking server (or database) has to answer before "
@@ -375,4 +380,7 @@ class EvalConfig(Section):
     batch_size: int | None = Field(None, gt=0, description="Per-rank eval batch; None = train per-rank batch.")
     ten_crop: bool = Field(False, description="Paper's 10-crop testing.")
     scales: list[int] = Field(
-        default_factory=list, description="Fully-convolutional multi-scale testing: shorter sides to average.")
+        default_factory=list, description="Fully-convolutional multi-scale testing: shorter sides to average. "
+        "During training these scales score the center data.eval_resize square of each image (with the CIFAR eval "
+        "transform: the whole image squeezed to that square), not the whole image; `rtrain eval RUN --mode "
+        "multi_scale` scores whole images.")

@@ -22,6 +22,7 @@ from rtrain.data.prefetch import DevicePrefetcher
 from rtrain.data.sources import ShardError
 from rtrain.data.whole import WholeImageLoader
 from rtrain.data.worker import LoaderStall, SampleError
+from rtrain.data.eval_sizes import ten_crop_square
 
 
 def build_loader(cfg: Any, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
@@ -52,7 +53,8 @@ def steps_per_epoch(loader: Any, cfg: Any, global_batch: int) -> int:
 def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size: int, batch_size: int, seed: int,
                       scales: list[int] | tuple[int, ...] = ()) -> Any:
     """The input of one of the paper's testing modes (rtrain.engine.evaluate): `center` gets the eval
-    transform's view; `ten_crop` the center square at `eval_resize`, from which the engine cuts the 10 crops;
+    transform's view; `ten_crop` the center square the engine cuts the 10 crops from (`eval_resize` where it
+    fits the model's input `image_size`, else sized to it: rtrain.engine.eval_views.ten_crop_square);
     `multi_scale` whole images (WholeImageLoader), decoded at a reduced scale down to the largest of `scales`."""
     if mode == "multi_scale":
         if not scales:
@@ -61,7 +63,11 @@ def build_eval_loader(cfg: Any, split: str, *, mode: str, rank: int, world_size:
                                 min_shorter_side=max(scales))
     if mode not in ("center", "ten_crop"):
         raise ValueError(f"unknown eval mode {mode!r}; known: center, ten_crop, multi_scale")
-    view_cfg = cfg if mode == "center" else cfg.model_copy(update={"image_size": cfg.eval_resize})
+    if mode == "center":
+        view_cfg = cfg
+    else:
+        square = ten_crop_square(cfg.image_size, cfg.eval_resize, cfg.eval_transform).side
+        view_cfg = cfg.model_copy(update={"image_size": square})
     return build_loader(view_cfg, split, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
                         train=False)
 

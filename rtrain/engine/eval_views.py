@@ -6,6 +6,9 @@ the center patch of `crop` x `crop` (224) and the horizontal mirrors of those fi
 
 Multi-scale (the paper's Table 4, after VGG): the whole image, aspect ratio kept, resized so its shorter side
 is each of the scales (the paper: 224, 256, 384, 480, 640), run fully-convolutionally, together with its mirror.
+
+Both are sized to the model's input (`data.image_size`), as timm sizes its eval transform: the rules are in
+rtrain.data.eval_sizes (the eval loader needs them too, and rtrain.data imports nothing of the engine).
 """
 
 from __future__ import annotations
@@ -13,9 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
+from rtrain.data.eval_sizes import (  # noqa: F401 - the sizing rules, re-exported for the engine's users
+    MAX_SQUARE_PER_CROP,
+    PAPER_CROP,
+    PAPER_RESIZE,
+    PAPER_SCALES,
+    TenCropSquare,
+    fitted_square,
+    scales_for,
+    scales_note,
+    ten_crop_square,
+)
 
-PAPER_SCALES = (224, 256, 384, 480, 640)
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
 
 
 def ten_crop_boxes(height: int, width: int, crop: int) -> list[Box]:

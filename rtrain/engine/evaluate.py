@@ -2,11 +2,14 @@
 
 Modes (the paper's testing; the views themselves are eval_views.py):
 - center: one view per image, as the loader delivers it (resize + center crop, or the CIFAR image);
-- ten_crop: the four corner and the center `crop` patches of the loader's `eval_resize` square and their
-  mirrors;
-- multi_scale: fully-convolutional: the whole image at each of `scales` (shorter side) and its mirror. The
-  batches are (list of uint8 (3, H, W) whole images, labels) from rtrain.data's WholeImageLoader; a uint8
-  (N, 3, H, W) tensor batch is taken as N whole (e.g. square) images.
+- ten_crop: the four corner and the center `crop` patches of the loader's square (`eval_resize`, or sized to
+  the crop where that does not fit it: eval_views.ten_crop_square) and their mirrors;
+- multi_scale: fully-convolutional: the whole image at each of `scales` (shorter side; by default the paper's
+  scaled to the crop, eval_views.scales_for) and its mirror. The batches are (list of uint8 (3, H, W) whole
+  images, labels) from rtrain.data's WholeImageLoader; a uint8 (N, 3, H, W) tensor batch is taken as N whole
+  (e.g. square) images. Training-time evaluation with eval.scales gets such tensor batches: the center
+  `eval_resize` square of each image, so it scores that square at each scale, not the whole image (a warning
+  says so; `rtrain eval --mode multi_scale` scores whole images).
 
 Class scores: the softmax posteriors of an image's views are averaged (Caffe's 10-crop and VGG's multi-scale
 testing, which the paper follows, average posteriors). Within one fully-convolutional view the network's
@@ -17,6 +20,7 @@ because the fc is linear. The loss is the NLL of the averaged posteriors.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,11 +30,19 @@ from torch import nn
 
 from rtrain.config import PrecisionConfig, Recipe
 from rtrain.data import build_loader
-from rtrain.engine.eval_views import PAPER_SCALES, groups_by_size, resize_whole, ten_crops
+from rtrain.engine.eval_views import (
+    groups_by_size,
+    resize_whole,
+    scales_for,
+    scales_note,
+    ten_crop_square,
+    ten_crops,
+)
 from rtrain.engine.precision import autocast
 from rtrain.engine.step import Normalizer
 
 EVAL_MODES = ("center", "ten_crop", "multi_scale")
+log = logging.getLogger("rtrain.engine")
 
 
 class ViewScorer:
@@ -42,7 +54,7 @@ class ViewScorer:
             raise ValueError(f"unknown eval mode {mode!r}; known: {', '.join(EVAL_MODES)}")
         self.model, self.normalize, self.precision = model, normalize, precision
         self.mode, self.crop = mode, crop
-        self.scales = list(scales or PAPER_SCALES)
+        self.scales = list(scales or scales_for(crop))  # the paper's at 224 px, in proportion otherwise
 
     def posteriors(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.precision, self.normalize.device):
@@ -78,7 +90,8 @@ class ViewScorer:
 def evaluate(model: nn.Module, batches: Iterable, normalize: Normalizer, precision: PrecisionConfig, *,
              mode: str = "center", crop: int = 224, scales: list[int] | None = None) -> dict[str, float]:
     """{"top1", "top5" (accuracies), "top1_error", "top5_error", "loss", "samples"} over every rank's share of
-    the split. `scales` (multi_scale) defaults to the paper's 224, 256, 384, 480, 640."""
+    the split. `scales` (multi_scale) defaults to the paper's 224, 256, 384, 480, 640 for a 224-px `crop`, and
+    to those times crop / 224 for another (eval_views.scales_for)."""
     device = normalize.device
     score = ViewScorer(model, normalize, precision, mode, crop, scales)
     was_training = model.training
@@ -108,7 +121,23 @@ def evaluator_from_config(recipe: Recipe, *, rank: int, world_size: int,
     that evaluates a model over the whole split from the start each time it is called."""
     e, data = recipe.eval, recipe.data
     mode = "ten_crop" if e.ten_crop else ("multi_scale" if e.scales else "center")
-    cfg = data if mode == "center" else data.model_copy(update={"image_size": data.eval_resize})
+    notes: list[str | None] = []
+    if mode == "ten_crop":  # the square the 10 crops are cut from, sized to the model's input where needed
+        square = ten_crop_square(data.image_size, data.eval_resize, data.eval_transform)
+        notes.append(square.note)
+        cfg = data.model_copy(update={"image_size": square.side})
+    elif mode == "multi_scale":  # the loader's center square, not the whole image (WholeImageLoader)
+        square = ("each image squeezed to" if data.eval_transform == "cifar" else "the center of each image:")
+        notes.append(f"eval.scales={list(e.scales)}: training-time evaluation scores {square} a square of "
+                     f"data.eval_resize={data.eval_resize} px at each scale, not the whole image (aspect kept); "
+                     "`rtrain eval RUN --mode multi_scale` scores whole images")
+        notes.append(scales_note(data.image_size, e.scales))
+        cfg = data.model_copy(update={"image_size": data.eval_resize})
+    else:
+        cfg = data
+    for note in notes:
+        if note and rank == 0:
+            log.warning("%s", note)
     loader = build_loader(cfg, data.val_split, rank=rank, world_size=world_size,
                           batch_size=e.batch_size or recipe.micro_batch, seed=recipe.run.seed, train=False)
     passes = itertools.count()

@@ -1,25 +1,13 @@
-"""`python -m rtrain.launch RECIPE [key=value ...]`.
+"""`python -m rtrain.launch RECIPE [key=value ...]` (the same command as `rtrain launch`).
 
-Stop signals are handled from the first instruction: before the heavy imports, a SIGTERM/SIGUSR1 (SIGINT) ends
-the launcher at once with 75 (130) and one line: nothing was trained, so nothing needs saving. Once the run
-starts, the launchers install their own handlers (rtrain.launch.signals), which checkpoint first.
+Stop signals are handled from the first instruction (rtrain.launch.early), before the imports that take seconds.
 """
 
-import signal
 import sys
 
-EARLY_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 75, signal.SIGUSR1: 75}  # rtrain.launch.signals' codes
+from rtrain.launch.early import install_early_handlers
 
-
-def _stopped_before_training(signum, frame):
-    name = signal.Signals(signum).name
-    print(f"rtrain: stopped by {name} before training started: nothing to save; rerun the same command to start",
-          file=sys.stderr, flush=True)
-    raise SystemExit(EARLY_EXIT[signum])
-
-
-for _signal in EARLY_EXIT:
-    signal.signal(_signal, _stopped_before_training)
+install_early_handlers()
 
 from rtrain.launch.entry import main  # noqa: E402  (after the handlers: importing takes seconds)
 

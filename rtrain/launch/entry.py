@@ -1,4 +1,5 @@
-"""`python -m rtrain.launch RECIPE [key=value ...]`: validate a recipe, then run it on Ray Train or locally.
+"""`python -m rtrain.launch RECIPE [key=value ...]` (also `rtrain launch`): validate a recipe, then run it on
+Ray Train or locally.
 
 Launchers (dist.launcher):
 - ray:   TorchTrainer on the cluster at dist.ray_address, else RAY_ADDRESS, else a Ray started here.
@@ -15,7 +16,7 @@ import json
 import os
 import sys
 
-from rtrain._errors import DEBUG_ENV
+from rtrain._errors import DEBUG_ENV, error_lines
 from rtrain.config import Recipe, RecipeError, load_recipe
 from rtrain.config.redact import redact_url
 from rtrain.launch.preflight import PreflightError, preflight
@@ -62,22 +63,21 @@ def launch(recipe: Recipe, worker_fn: WorkerFn | None = None, max_failures: int 
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rtrain.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="recipe YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2 dist.num_workers=4")
-    parser.add_argument("--worker", metavar="MODULE:FUNCTION",
-                        help="per-worker function to run instead of rtrain.launch.worker:run_worker")
-    parser.add_argument("--max-failures", type=int, default=None,
-                        help="ray launcher: restart the worker group this many times after a failure "
-                             "(default: the recipe's dist.max_failures)")
-    parser.add_argument("--debug", action="store_true",
-                        help="print tracebacks for expected failures too (bad data, damaged checkpoints, ...)")
+    from rtrain.commands.arguments import OneLineParser, add_launch_arguments
+    from rtrain.commands.help_text import COMMANDS, epilog
+
+    parser = OneLineParser(prog="python -m rtrain.launch", description=COMMANDS["launch"].description,
+                                     epilog=epilog("launch"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+    return run(_parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`python -m rtrain.launch` and `rtrain launch` with their (shared) arguments parsed."""
     if args.debug:
         os.environ[DEBUG_ENV] = "1"  # the ranks inherit it
     try:
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         preflight(prepare_recipe(recipe), data=worker_fn is None)
         summary = launch(recipe, worker_fn, max_failures=args.max_failures)
     except RecipeError as exc:
-        print(redact_url(str(exc)), file=sys.stderr)
+        print(error_lines(redact_url(str(exc))), file=sys.stderr)
         return 2
     except PreflightError as exc:
-        print("\n".join(f"rtrain: {redact_url(line)}" for line in exc.problems), file=sys.stderr)
+        print(error_lines(redact_url(str(exc))), file=sys.stderr)
         return 2
     except LaunchError as exc:
         print(f"rtrain: {redact_url(str(exc))}", file=sys.stderr)

@@ -41,8 +41,23 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_output_root(recipe: Recipe) -> str | None:
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output_root(recipe: Recipe, create: bool = True) -> str | None:
+    """run.output_root can be created and written: by doing so (a launch), or, with create=False (`rtrain
+    validate`, which leaves nothing behind), by a probe folder in the nearest folder that exists."""
     root = Path(recipe.run.output_root)
+    if not create:  # a folder made and removed where the first missing one would go: leaves nothing behind
+        here = _nearest_existing(root)
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=here, prefix=".rtrain-preflight-"))
+        except OSError as exc:
+            return f"run.output_root={str(root)!r}: cannot create or write it ({_one_line(exc)})"
+        return None
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".rtrain-preflight-"):
@@ -115,8 +130,9 @@ def check_tracking(recipe: Recipe) -> str | None:
     if t.uri.startswith(("http://", "https://")):
         why = _http_probe(t.uri, t.experiment, t.connect_timeout_s)
     elif t.uri.startswith("sqlite:///"):
-        folder = Path(t.uri[len("sqlite:///"):]).parent
-        why = None if os.access(folder, os.W_OK) else f"its folder {folder} is not writable"
+        folder = _nearest_existing(Path(t.uri[len("sqlite:///"):]).parent)  # the tracker makes the rest
+        why = None if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK) else \
+            f"its folder cannot be created or written ({folder} is not a writable folder)"
     else:
         why = _database_probe(t.uri, t.connect_timeout_s)
     return f"tracking.uri={t.uri!r}: {why}" if why else None
@@ -161,10 +177,11 @@ def check_init_from(recipe: Recipe) -> str | None:
     return None
 
 
-def preflight(recipe: Recipe, *, data: bool = True) -> None:
+def preflight(recipe: Recipe, *, data: bool = True, create: bool = True) -> None:
     """Raise PreflightError naming everything that is missing. `recipe` has absolute paths (prepare_recipe).
-    data=False skips the data and init_from checks (a custom --worker may not read them)."""
-    problems = [check_output_root(recipe), check_tracking(recipe), check_checkpoint_store(recipe)]
+    data=False skips the data and init_from checks (a custom --worker may not read them); create=False
+    creates no folder (`rtrain validate`; an object-store probe is still written and removed)."""
+    problems = [check_output_root(recipe, create), check_tracking(recipe), check_checkpoint_store(recipe)]
     if data:
         problems += [*check_data(recipe), check_init_from(recipe)]
     found = [p for p in problems if p]

@@ -44,7 +44,7 @@ def pin_paths(recipe: Recipe, base: Path) -> Recipe:
     pinned = recipe_from_dict(raw, where="recipe (paths made absolute)")
     if pinned.tracking.enabled:
         try:
-            resolve_tracking_uri(pinned.tracking.uri)  # refuses the file store before any worker starts
+            resolve_tracking_uri(pinned.tracking.uri, create=False)  # refuses the file store; makes nothing
         except TrackingError as exc:
             raise RecipeError(str(exc)) from None
     return pinned

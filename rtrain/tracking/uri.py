@@ -17,8 +17,8 @@ class TrackingError(ExpectedError, RuntimeError):
     """Tracking cannot start or continue; the message names the URI, experiment or run."""
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative sqlite path absolute (against the cwd) and create its folder.
+def resolve_tracking_uri(uri: str, create: bool = True) -> str:
+    """Make a relative sqlite path absolute (against the cwd) and create its folder (unless not `create`).
 
     Ray Train workers run in their own working directory, so a relative path must be pinned down by
     whoever reads the recipe first. The plain file store is refused with a message saying what to use.
@@ -26,7 +26,8 @@ def resolve_tracking_uri(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         path = path if path.is_absolute() else Path.cwd() / path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):

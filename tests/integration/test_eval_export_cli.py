@@ -33,8 +33,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     done = _run("-m", "rtrain.launch", "recipes/quickstart.yaml", f"data.source={root / 'shards'}",
                 f"run.output_root={root / 'runs'}", "run.name=tiny", "dist.launcher=local", "dist.num_workers=1",
                 f"train.global_batch={BATCH}", "train.max_steps=4", "checkpoint.every_steps=2",
-                "eval.every_epochs=100", "tracking.enabled=false", "data.num_workers=0", "data.shuffle_buffer=16",
-                "data.eval_resize=36")
+                "eval.every_epochs=100", "tracking.enabled=false", "data.num_workers=0", "data.shuffle_buffer=16")
     assert done.returncode == 0, done.stderr[-4000:]
     return root, json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,13 +56,33 @@ def test_center_reproduces_the_runs_final_evaluation(trained_run):
     assert report["top5_error"] == pytest.approx(1 - summary["val_top5"])
 
 
-@pytest.mark.parametrize("mode, options", [("ten_crop", []), ("multi_scale", ["--scales", "32,48"])])
-def test_paper_modes_run_on_the_trained_checkpoint(trained_run, mode, options):
+@pytest.mark.parametrize("mode, options, scales", [
+    ("ten_crop", [], None),
+    ("multi_scale", ["--scales", "32,48"], [32, 48]),
+    ("multi_scale", [], [32, 36, 54, 68, 91]),  # the paper's 224..640 in proportion to the 32-px input
+])
+def test_paper_modes_run_on_the_trained_checkpoint(trained_run, mode, options, scales):
     root, _ = trained_run
     report = _eval(root / "runs" / "tiny", "--mode", mode, *options)
     assert report["mode"] == mode and report["images"] == 20 and report["step"] == 4
-    assert report["scales"] == ([32, 48] if mode == "multi_scale" else None)
+    assert report["scales"] == scales and report["image_size"] == 32
+    assert report["ten_crop_square"] == (36 if mode == "ten_crop" else None)  # 32 x 256/224
     assert 0 <= report["top5_error"] <= report["top1_error"] <= 1
+
+
+def test_ten_crop_on_the_quickstarts_default_eval_resize_is_sized_to_the_model(trained_run):
+    """The quickstart recipe keeps data.eval_resize at 256 with its 32-px CIFAR model (the run above does not
+    change it): `rtrain eval --mode ten_crop` cuts the 10 crops from a 36-px square (32 x 256/224), not 32-px
+    corners of a 256-px one, and says so on stderr."""
+    root, _ = trained_run
+    done = _run("-m", "rtrain.cli", "eval", str(root / "runs" / "tiny"), "--mode", "ten_crop",
+                "--batch-size", str(BATCH))
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (report["ten_crop_square"], report["image_size"], report["images"]) == (36, 32, 20)
+    assert ("rtrain eval: ten_crop: data.eval_resize=256 does not fit the model's input of 32 px (data.image_size); "
+            "the CIFAR eval transform takes images whole, so the 10 crops are cut from a 36-px square "
+            "(32 x 256/224)") in done.stderr.splitlines()
 
 
 def test_cifar_checkpoint_export_is_refused_in_one_line(trained_run, tmp_path):

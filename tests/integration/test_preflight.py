@@ -57,6 +57,18 @@ def test_a_real_mlflow_server_passes(digits_shards, tmp_path, port):
     assert f"uri: {server.url}" in done.stdout
 
 
+def test_validate_by_name_checks_everything_and_creates_nothing(digits_shards, tmp_path):
+    """A packaged recipe by name; the output root, the sqlite folder and the run directory do not exist before
+    and do not after (a launch makes them)."""
+    done = _rtrain("-m", "rtrain.cli", "validate", "quickstart", f"data.source={digits_shards}",
+                   f"run.output_root={tmp_path}/new/runs", f"tracking.uri=sqlite:///{tmp_path}/new/db/mlflow.db")
+    assert done.returncode == 0, done.stderr
+    assert "name: quickstart" in done.stdout and list(tmp_path.iterdir()) == []
+    done = _rtrain("-m", "rtrain.cli", "validate", "quickstart", f"data.source={digits_shards}",
+                   "run.output_root=/proc/rtrain-runs")
+    assert done.returncode == 2 and done.stderr.startswith("rtrain: run.output_root='/proc/rtrain-runs': ")
+
+
 def test_missing_data_directory_names_the_key_in_validate_and_launch(digits_shards, tmp_path):
     overrides = [*_base(digits_shards, tmp_path), f"data.source={tmp_path}/no/such/dir"]
     for done in (_rtrain("-m", "rtrain.cli", "validate", "recipes/quickstart.yaml", *overrides), _launch(*overrides)):

@@ -79,7 +79,9 @@ def _overrides(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
 
 
 def _sbatch(slurm, script: str, out: Path, overrides: list[str], **env: str) -> int:
-    done = subprocess.run(["sbatch", "--parsable", "-N", "2", f"--output={out}/job-%j.out", f"--chdir={REPO}",
+    # --gpus-per-node=0: these nodes have no GPUs (the scripts ask for 8 per node unless told otherwise).
+    done = subprocess.run(["sbatch", "--parsable", "-N", "2", "--gpus-per-node=0", f"--output={out}/job-%j.out",
+                           f"--chdir={REPO}",
                            f"cluster/slurm/{script}", "recipes/quickstart.yaml", *overrides],
                           cwd=REPO, env={**_env(slurm), **env}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -139,6 +141,16 @@ def _started_again(slurm, job: int, out: Path, times: int) -> bool:
 
 def _job_processes(job: int) -> list[int]:
     return [pid for pid, _, args in processes() if f"rtrain-ray-{job}-" in args]
+
+
+@pytest.mark.parametrize("script", ["rtrain.sbatch", "rtrain-srun.sbatch"])
+def test_scripts_ask_for_gpus_unless_told_otherwise(slurm, script, tmp_path):
+    # The scripts' `#SBATCH --gpus-per-node=8` reaches SLURM: these GPU-less nodes refuse it; `_sbatch` passes
+    # --gpus-per-node=0, as a user of CPU nodes does.
+    done = subprocess.run(["sbatch", "--parsable", "-N", "2", f"--output={tmp_path}/job-%j.out", f"--chdir={REPO}",
+                           f"cluster/slurm/{script}", "recipes/quickstart.yaml"],
+                          cwd=REPO, env=_env(slurm), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "generic resource" in done.stderr, (done.stdout, done.stderr)
 
 
 def test_sbatch_on_ray_across_two_nodes_usr1_checkpoints_requeues_resumes_bit_identical(slurm, reference_run,

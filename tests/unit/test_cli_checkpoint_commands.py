@@ -19,12 +19,13 @@ from rtrain.models import model_from_config
 
 
 def write_checkpoints(root: Path, model_name: str, steps: list[int], *, checkpoint_dir: Path | None = None,
-                      resolved_recipe: bool = False) -> Path:
-    """A run directory `root/run` whose checkpoints hold models built from a recipe, one seed per step."""
+                      resolved_recipe: bool = False, data: dict | None = None) -> Path:
+    """A run directory `root/run` whose checkpoints hold models built from a recipe, one seed per step; `data`
+    replaces keys of the recipe's data section."""
     raw = {"run": {"name": "run", "output_root": str(root)},
            "model": {"name": model_name, "num_classes": 5},
            "data": {"source": str(root / "shards"), "image_size": 16, "eval_resize": 18, "num_workers": 0,
-                    "augment": "none"},
+                    "augment": "none", **(data or {})},
            "train": {"global_batch": 4}, "tracking": {"enabled": False},
            "checkpoint": {"dir": str(checkpoint_dir) if checkpoint_dir else None}}
     recipe = recipe_from_dict(raw)
@@ -66,6 +67,56 @@ def test_eval_of_a_run_directory_uses_its_newest_checkpoint(tmp_path, shards, ca
     assert 0 <= report["top1_error"] <= 1 and 0 <= report["top5_error"] <= report["top1_error"]
     assert out[3] == f"top-1 error  {100 * report['top1_error']:.2f} %"
     assert out[4] == f"top-5 error  {100 * report['top5_error']:.2f} %"
+
+
+def test_ten_crop_of_a_cifar_recipe_cuts_the_models_input_from_a_square_sized_to_it(tmp_path, shards, capsys):
+    """The quickstart's case: CIFAR eval transform, 32-px model (here 16), data.eval_resize left at 256. The
+    10 crops come from a 18-px square (16 x 256/224), not 16-px corners of a 256-px one; stderr says so."""
+    run = write_checkpoints(tmp_path, "cifar_resnet20", [1], data={"eval_resize": 256, "eval_transform": "cifar"})
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "ten_crop", "--batch-size", "4")
+    assert code == 0, err
+    report = report_of(out)
+    assert (report["image_size"], report["ten_crop_square"], report["images"]) == (16, 18, 11)
+    assert out[2] == "mode         ten_crop (10 crops of 16 px from a 18-px square and their mirrors, softmax averaged)"
+    assert err == ["rtrain eval: ten_crop: data.eval_resize=256 does not fit the model's input of 16 px "
+                   "(data.image_size); the CIFAR eval transform takes images whole, so the 10 crops are cut from a "
+                   "18-px square (16 x 256/224)"]
+
+
+def test_ten_crop_keeps_a_square_that_fits_without_a_word(tmp_path, shards, capsys):
+    run = write_checkpoints(tmp_path, "cifar_resnet20", [1])  # image_size 16, eval_resize 18
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "ten_crop", "--batch-size", "4")
+    assert code == 0 and err == [] and report_of(out)["ten_crop_square"] == 18
+
+
+def test_ten_crop_of_a_resize_center_recipe_warns_of_a_square_far_larger_than_the_crop(tmp_path, shards, capsys):
+    run = write_checkpoints(tmp_path, "cifar_resnet20", [1], data={"eval_resize": 64})
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "ten_crop", "--batch-size", "4", "--limit", "2")
+    assert code == 0 and report_of(out)["ten_crop_square"] == 64  # the recipe's center view is cut from it too
+    assert err == ["rtrain eval: ten_crop: data.eval_resize=64 does not fit the model's input of 16 px "
+                   "(data.image_size): each crop sees 6.2% of the 64-px square (the recipe's center view is cut "
+                   "the same way); a 16-px model fits a square of 18 (16 x 256/224) up to 32"]
+
+
+def test_ten_crop_from_a_square_smaller_than_the_crop_is_refused_in_one_line(tmp_path, shards, capsys):
+    run = write_checkpoints(tmp_path, "cifar_resnet20", [1], data={"eval_resize": 12})
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "ten_crop")
+    assert (code, out) == (2, [])
+    assert err == ["rtrain: ten_crop: data.eval_resize=12 does not fit the model's input of 16 px "
+                   "(data.image_size): it is smaller than the crop; a 16-px model fits a square of 18 "
+                   "(16 x 256/224) up to 32"]
+
+
+def test_multi_scale_defaults_to_the_papers_scales_relative_to_the_models_input(tmp_path, shards, capsys):
+    run = write_checkpoints(tmp_path, "cifar_resnet20", [1], data={"eval_transform": "cifar"})
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "multi_scale", "--batch-size", "4")
+    assert code == 0 and err == [], err
+    assert report_of(out)["scales"] == [16, 18, 27, 34, 45]  # 224, 256, 384, 480, 640 x 16/224
+    code, out, err = run_cli(capsys, "eval", str(run), "--mode", "multi_scale", "--scales", "16,224",
+                             "--limit", "2")
+    assert code == 0 and report_of(out)["scales"] == [16, 224]  # given scales are used, with a warning
+    assert err == ["rtrain eval: multi_scale: scales 224 are far from the model's input of 16 px "
+                   "(data.image_size); the paper's scales for a 16-px model are 16, 18, 27, 34, 45"]
 
 
 def test_eval_limit_and_explicit_data_and_step_folder(tmp_path, shards, capsys):

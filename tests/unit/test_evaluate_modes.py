@@ -13,7 +13,17 @@ from torch import nn
 from torchvision_peer import import_torchvision
 
 from rtrain.config import PrecisionConfig
-from rtrain.engine.eval_views import PAPER_SCALES, shorter_side_size, ten_crop_boxes, ten_crops
+from rtrain.engine.eval_views import (
+    PAPER_SCALES,
+    TenCropSquare,
+    fitted_square,
+    scales_for,
+    scales_note,
+    shorter_side_size,
+    ten_crop_boxes,
+    ten_crop_square,
+    ten_crops,
+)
 from rtrain.engine.evaluate import EVAL_MODES, evaluate
 from rtrain.engine.step import Normalizer
 
@@ -200,3 +210,92 @@ def test_cli_constants_match_their_owners():
     assert arguments.EVAL_MODES == EVAL_MODES
     assert arguments.PAPER_SCALES == PAPER_SCALES
     assert arguments.EXPORT_FORMATS == EXPORT_FORMATS
+
+
+def test_multi_scale_defaults_to_the_papers_scales_in_proportion_to_the_crop():
+    assert scales_for(224) == list(PAPER_SCALES)
+    assert scales_for(32) == [32, 36, 54, 68, 91]  # a CIFAR model: not 224..640 px views of a 32-px image
+    recorder = ShapeRecorder()
+    evaluate(recorder, [(images_of([(32, 32)]), torch.zeros(1, dtype=torch.int64))], Normalizer(MEAN, STD, CPU),
+             PrecisionConfig(), mode="multi_scale", crop=32)
+    assert sorted({h for _, h, _ in recorder.seen}) == [32, 36, 54, 68, 91]
+
+
+@pytest.mark.parametrize("crop, eval_resize, transform, side", [
+    (224, 256, "resize_center", 256),  # the paper's: the recipe's square
+    (32, 36, "cifar", 36),  # an eval_resize that fits is used as given
+    (32, 64, "cifar", 64),
+    (16, 18, "resize_center", 18),
+])
+def test_ten_crop_uses_the_recipes_square_where_it_fits(crop, eval_resize, transform, side):
+    assert ten_crop_square(crop, eval_resize, transform) == TenCropSquare(side)
+
+
+def test_ten_crop_of_a_cifar_recipe_is_sized_to_the_models_input():
+    """The CIFAR eval transform takes images whole (eval_resize unused): the default 256 would make each of the
+    10 views a 32-px corner of a 256-px square, 1/64 of the image. The square is 32 x 256/224 instead."""
+    assert fitted_square(32) == 36 and fitted_square(224) == 256
+    square = ten_crop_square(32, 256, "cifar")
+    assert square.side == 36
+    assert square.note == ("ten_crop: data.eval_resize=256 does not fit the model's input of 32 px (data.image_size); "
+                           "the CIFAR eval transform takes images whole, so the 10 crops are cut from a 36-px square "
+                           "(32 x 256/224)")
+    assert ten_crop_square(32, 16, "cifar").side == 36
+
+
+def test_ten_crop_of_a_resize_center_recipe_keeps_its_square_with_a_warning_or_refuses_a_smaller_one():
+    square = ten_crop_square(32, 256, "resize_center")  # its center view is cut from the same square
+    assert square.side == 256 and "each crop sees 1.6% of the 256-px square" in square.note
+    assert "a 32-px model fits a square of 36 (32 x 256/224) up to 64" in square.note
+    with pytest.raises(ValueError, match=r"^ten_crop: data.eval_resize=24 does not fit the model's input of 32 px "
+                                         r"\(data.image_size\): it is smaller than the crop; a 32-px model fits a "
+                                         r"square of 36"):
+        ten_crop_square(32, 24, "resize_center")
+
+
+def test_scales_far_from_the_models_input_are_named():
+    assert scales_note(224, PAPER_SCALES) is None and scales_note(32, [32, 48]) is None
+    assert scales_note(32, [8, 224, 640]) == (
+        "multi_scale: scales 8, 224, 640 are far from the model's input of 32 px (data.image_size); the paper's scales "
+        "for a 32-px model are 32, 36, 54, 68, 91")
+
+
+def _training_evaluator(tmp_path, monkeypatch, **eval_section):
+    from test_loader_fixtures import write_split
+
+    import rtrain.engine.evaluate as evaluate_module
+    from rtrain.config import recipe_from_dict
+    from rtrain.engine.evaluate import evaluator_from_config
+
+    write_split(tmp_path / "shards", "val", [5], num_classes=4)
+    recipe = recipe_from_dict({
+        "model": {"name": "cifar_resnet20", "num_classes": 4},
+        "data": {"source": str(tmp_path / "shards"), "image_size": 16, "eval_resize": 256, "eval_transform": "cifar",
+                 "augment": "cifar", "num_workers": 0, "pin_memory": False},
+        "train": {"global_batch": 4}, "eval": eval_section, "tracking": {"enabled": False}})
+    squares: list[tuple[int, int]] = []
+    real = evaluate_module.ten_crops
+    monkeypatch.setattr(evaluate_module, "ten_crops",
+                        lambda x, crop: squares.append(tuple(x.shape[-2:])) or real(x, crop))
+    return evaluator_from_config(recipe, rank=0, world_size=1, normalizer=Normalizer(MEAN, STD, CPU)), squares
+
+
+def test_training_time_ten_crop_of_a_cifar_recipe_is_sized_to_the_models_input(tmp_path, monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="rtrain.engine"):
+        run, squares = _training_evaluator(tmp_path, monkeypatch, ten_crop=True)
+    recorder = ShapeRecorder()
+    assert run(recorder)["samples"] == 5
+    assert set(squares) == {(18, 18)} and {(h, w) for _, h, w in recorder.seen} == {(16, 16)}
+    assert [r.getMessage() for r in caplog.records] == [
+        "ten_crop: data.eval_resize=256 does not fit the model's input of 16 px (data.image_size); the CIFAR eval "
+        "transform takes images whole, so the 10 crops are cut from a 18-px square (16 x 256/224)"]
+
+
+def test_training_time_eval_scales_warn_that_they_score_a_square_not_the_whole_image(tmp_path, monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="rtrain.engine"):
+        run, _ = _training_evaluator(tmp_path, monkeypatch, scales=[16, 24])
+    assert run(ShapeRecorder())["samples"] == 5
+    assert [r.getMessage() for r in caplog.records] == [
+        "eval.scales=[16, 24]: training-time evaluation scores each image squeezed to a square of "
+        "data.eval_resize=256 px at each scale, not the whole image (aspect kept); `rtrain eval RUN --mode "
+        "multi_scale` scores whole images"]

@@ -71,3 +71,8 @@ def test_eval_loader_per_mode(val_root: Path) -> None:
     assert shapes == {"center": {(3, 16, 16)}, "ten_crop": {(3, 18, 18)}, "multi_scale": {(3, 30, 40)}}
     with pytest.raises(ValueError, match="multi_scale evaluation needs its scales"):
         build_eval_loader(cfg, "val", mode="multi_scale", rank=0, world_size=1, batch_size=7, seed=0)
+    # A CIFAR-transform recipe whose eval_resize does not fit its 16-px input: the 10-crop square is 16 x 256/224.
+    cifar = small_cfg(val_root, eval_transform="cifar", eval_resize=256)
+    images, _ = next(iter(build_eval_loader(cifar, "val", mode="ten_crop", rank=0, world_size=1, batch_size=7,
+                                            seed=0)))
+    assert {tuple(image.shape) for image in images} == {(3, 18, 18)}
