@@ -12,8 +12,23 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a wrong argument is one `rtrain: ...` line on stderr and exit 2 (the usage is in --help)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"rtrain: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        command = self.prog.removeprefix("rtrain").strip()  # `rtrain eval`: eval; `python -m rtrain.launch`: as is
+        print(f"rtrain: {command + ': ' if command else ''}{message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_with_overrides(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """parse_args, but `key=value` overrides may also come after a flag (`validate r50 --schema-only
+        optim.lr=1`): argparse leaves those over, they join the command's overrides."""
+        args, extra = self.parse_known_args(argv)
+        takes_overrides = hasattr(args, "overrides")
+        unknown = [e for e in extra if not (takes_overrides and "=" in e and not e.startswith("-"))]
+        if unknown:
+            command = getattr(args, "command", None)  # the subcommand's parser names itself in the line
+            where = OneLineParser(prog=f"{self.prog} {command}") if command else self
+            where.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
+        return args
 
 EVAL_MODES = ("center", "ten_crop", "multi_scale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -60,7 +75,7 @@ OVERRIDES_HELP = "dotted recipe overrides typed like YAML, e.g. optim.lr=0.2 dis
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help=RECIPE_HELP)
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=OVERRIDES_HELP)
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:

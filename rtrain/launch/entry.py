@@ -69,7 +69,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m rtrain.launch", description=COMMANDS["launch"].description,
                                      epilog=epilog("launch"), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_launch_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_with_overrides(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

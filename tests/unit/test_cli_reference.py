@@ -117,3 +117,11 @@ def test_every_expected_failure_is_one_rtrain_line_per_problem(case, capsys, tmp
     assert lines and all(line.startswith("rtrain: ") for line in lines), lines
     assert "Traceback" not in captured.err
     assert not list(tmp_path.iterdir()), f"{case} created {list(tmp_path.iterdir())}"
+
+
+def test_overrides_may_follow_a_flag(capsys):
+    assert cli.main(["validate", "quickstart", "--schema-only", "optim.lr=0.05"]) == 0
+    assert "lr: 0.05" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["validate", "quickstart", "--schema-only", "optim.lr=0.05", "--bogus"])
+    assert capsys.readouterr().err == "rtrain: validate: unrecognized arguments: --bogus (see rtrain validate --help)\n"
