@@ -45,7 +45,8 @@ DRY_BUDGET = 40
 def git_commit(repo: Path = REPO) -> str:
     """HEAD's commit: git if it runs, else read from .git (loose ref or packed-refs)."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
+                              check=False)
         if done.returncode == 0 and done.stdout.strip():
             dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                    capture_output=True, text=True, timeout=10, check=False).stdout.strip()

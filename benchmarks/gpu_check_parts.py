@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository first: benchmarks/data_prep.py would shadow data_prep
 sys.path.insert(1, str(REPO / "tests"))
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402  (after the path set-up above)
+import torch.nn.functional as F  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 SKIP = "skipped (no CUDA)"
@@ -228,7 +228,8 @@ def overhead(dry: bool, scratch: Path, context: dict) -> dict:
         t_ours.append(t[id(ours)])
         ratios.append(t[id(ours)] / t[id(bare)])
     return {"status": "ok", "model": name, "batch": batch, "image": size, "device": str(device),
-            "bare_ms": round(statistics.median(t_bare) * 1e3, 2), "rtrain_ms": round(statistics.median(t_ours) * 1e3, 2),
+            "bare_ms": round(statistics.median(t_bare) * 1e3, 2),
+            "rtrain_ms": round(statistics.median(t_ours) * 1e3, 2),
             "ratio_vs_bare": round(statistics.median(ratios), 4), "goal": "<= 1.03"}
 
 
