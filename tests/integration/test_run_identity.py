@@ -37,7 +37,7 @@ def test_a_checkpoint_of_another_identity_is_refused_before_anything_is_written(
                               timeout=300, env=run_env())
         assert done.returncode == 2, done.stderr[-3000:]
         last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"checkpoint {out / reference_run.name / 'checkpoints'}/step-") \
+        assert last.startswith(f"rtrain: checkpoint {out / reference_run.name / 'checkpoints'}/step-") \
             and f"belongs to another run identity ({key} {old!r} -> {new!r})" in last, last
         assert f"checkpoint.allow_changes=[{key}]" in last and "Traceback" not in done.stderr
         assert _files(out) == before, change
