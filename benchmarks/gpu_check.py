@@ -19,6 +19,16 @@ its own time budget, so a failure or hang in one is recorded and the rest still 
 
 `--dry-run`: the same code paths on the CPU at tiny sizes (well under a minute); CUDA-only parts are recorded
 as "skipped (no CUDA)". Ratios are against baselines measured in the same run; nothing here asserts a time.
+
+On the lent GPU machine (Python 3.12, torch, torchvision, timm, pytest; no network, no pydantic, webdataset or
+simplejpeg), carry these wheels in .whl/ (about 3.3 MB; .whl/ is git-ignored), fetched here with
+`pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
+manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl PKG` for PKG in pydantic==2.14.3
+pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
+webdataset==1.0.2 braceexpand==0.1.7 simplejpeg==1.9.0, then run (timeout about 560 s, carry .whl):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export
+    PYTHONPATH=/tmp/site:$PWD && PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT/gpu_check
 """
 
 from __future__ import annotations
